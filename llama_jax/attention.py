@@ -1,0 +1,163 @@
+"""Causal grouped-query attention with segment ids, a KV cache, and three kernels.
+
+Masking is defined by *slots* and *segments*: query i may see key j iff slot(j) <= slot(i) and
+segment(j) == segment(i). Slots are positions in the (possibly cached) sequence buffer; segment 0 marks
+padding and empty cache slots. Packed training documents, left-padded prompts and cached decoding are all
+this one rule.
+
+Kernels (`model.attention_impl`):
+- "xla": einsum + f32 softmax; runs everywhere; the reference the others are tested against.
+- "dot_product": `jax.nn.dot_product_attention`, which dispatches to cuDNN flash attention on GPUs.
+- "splash": Pallas splash attention (TPU). Off-TPU it runs in Pallas interpret mode, so tests verify the
+  exact kernel a TPU user runs.
+- "auto": splash on TPU, dot_product on GPU, xla on CPU.
+Decoding with a KV cache always uses "xla": a handful of query tokens gains nothing from a flash kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax.config import ModelConfig
+from llama_jax.linear import dense
+from llama_jax.norm import Norm
+from llama_jax.rope import apply_rope, inverse_frequencies
+
+# Finite, so that a fully masked row (a padding query) gives a uniform softmax instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return {"tpu": "splash", "gpu": "dot_product"}.get(backend, "xla")
+
+
+def make_mask(q_slots, k_slots, q_segment_ids, k_segment_ids):
+    """Boolean [batch, q_len, kv_len]: causal by slot, and same segment.
+
+    q_slots: [q_len]; k_slots: [kv_len]; segment ids: [batch, q_len] / [batch, kv_len].
+    """
+    causal = q_slots[:, None] >= k_slots[None, :]  # [q_len, kv_len]
+    same_segment = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]  # [batch, q_len, kv_len]
+    return causal[None] & same_segment
+
+
+def xla_attention(q, k, v, mask):
+    """q: [batch, q_len, heads, head_dim] (pre-scaled); k, v: [batch, kv_len, kv_heads, head_dim]."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)  # [batch, q_len, kv_heads, q_per_kv, head_dim]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    # scores: [batch, kv_heads, q_per_kv, q_len, kv_len]
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [batch, q_len, kv_heads, q_per_kv, head_dim]
+    return out.reshape(b, t, h, d)  # [batch, q_len, heads, head_dim]
+
+
+def dot_product_attention(q, k, v, segment_ids):
+    """jax.nn.dot_product_attention (cuDNN on GPU); causal, with a segment mask only when packing."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [batch, 1, q_len, kv_len]
+    # q is pre-scaled, hence scale=1.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    block = min(512, seq_len)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids):
+    """Pallas splash attention; the causal mask is static, so fully masked blocks are skipped."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b, t, h, d = q.shape
+    kernel = _splash_kernel(h, t, interpret=jax.default_backend() != "tpu")
+    q = q.transpose(0, 2, 1, 3)  # [batch, heads, q_len, head_dim]
+    k = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
+    v = v.transpose(0, 2, 1, 3)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)  # [batch, q_len, heads, head_dim]
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, kv_cache=None):
+        """x: [batch, seq, embed]; positions: [batch, seq]; segment_ids: [batch, seq] or None.
+
+        kv_cache: None, or (k_buf, v_buf, k_segment_ids, index) with buffers [batch, max_len, kv_heads,
+        head_dim], where this call's tokens are written at slots index..index+seq-1. Returns
+        (out [batch, seq, embed], (k_buf, v_buf) or None).
+        """
+        cfg = self.config
+        q = dense(cfg, (cfg.num_heads, cfg.head_dim), "q_proj")(x)  # [batch, seq, heads, head_dim]
+        k = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), "k_proj")(x)  # [batch, seq, kv_heads, head_dim]
+        v = dense(cfg, (cfg.num_kv_heads, cfg.head_dim), "v_proj")(x)  # [batch, seq, kv_heads, head_dim]
+        if cfg.qk_norm:
+            q = Norm(cfg, name="q_norm")(q)
+            k = Norm(cfg, name="k_norm")(k)
+        if cfg.position == "rope":
+            inv_freq = inverse_frequencies(cfg)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        # Named so that the "qkv_proj" remat policy can keep them and recompute the rest.
+        q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", None))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", None))
+        q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
+
+        seq = x.shape[1]
+        new_cache = None
+        if kv_cache is not None:
+            k_buf, v_buf, k_segment_ids, index = kv_cache
+            k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
+            v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), index, axis=1)
+            new_cache = (k_buf, v_buf)
+            q_slots = index + jnp.arange(seq)
+            mask = make_mask(q_slots, jnp.arange(k_buf.shape[1]), segment_ids, k_segment_ids)
+            out = xla_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask)
+        else:
+            impl = resolve_impl(cfg.attention_impl)
+            if impl == "xla":
+                seg = segment_ids if segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
+                slots = jnp.arange(seq)
+                out = xla_attention(q, k, v, make_mask(slots, slots, seg, seg))
+            elif impl == "dot_product":
+                out = dot_product_attention(q, k, v, segment_ids)
+            else:
+                out = splash_attention(q, k, v, segment_ids)
+        out = checkpoint_name(out, "attn_out")
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", None))
+        out = dense(cfg, cfg.dim, "o_proj", axis=(-2, -1))(out)  # [batch, seq, embed]
+        return out, new_cache

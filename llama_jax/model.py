@@ -1,0 +1,170 @@
+"""The LLaMA model: embedding -> N decoder blocks -> final norm -> LM head.
+
+    logits = Llama(config).apply({"params": params}, tokens)                  # [batch, seq, vocab], f32
+    logits, cache = Llama(config).apply({"params": params}, tokens, cache=c)  # incremental decoding
+
+Params are a plain pytree. Layer i lives at `layers_{i}/...`, or, with `model.scan_layers`, all layers
+are stacked on a leading axis at `layers/...`; `stack_layers`/`unstack_layers` convert between the two.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.block import block_class
+from llama_jax.config import ModelConfig
+from llama_jax.norm import Norm
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Key/value buffers for incremental decoding, stacked over layers."""
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    segment_ids: jax.Array  # [batch, max_len] int32; 0 marks an empty (or padding) slot
+    index: jax.Array  # [] int32: the slot the next token is written to
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        dtype = dtype or config.compute_dtype
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class LMHead(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # x: [batch, seq, embed]
+        cfg = self.config
+        kernel = self.param(
+            "kernel", nn.initializers.normal(cfg.initializer_range), (cfg.dim, cfg.vocab_size), cfg.storage_dtype
+        )
+        # Accumulate and return in f32 whatever the compute dtype: the loss needs full-precision logits.
+        return jnp.einsum(
+            "bsd,dv->bsv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32
+        )  # [batch, seq, vocab]
+
+
+class Llama(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """tokens: [batch, seq] int.
+
+        positions: [batch, seq] RoPE positions (default: slot index; packed data passes its own).
+        segment_ids: [batch, seq]; tokens attend only within their segment; 0 marks padding.
+        cache: a KVCache; this call's tokens fill slots cache.index.. and the call returns (logits, cache).
+        """
+        cfg = self.config
+        batch, seq = tokens.shape
+        start = 0 if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.dim,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.storage_dtype,
+            name="embed",
+        )
+        x = embed(tokens)  # [batch, seq, embed]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        cache_meta = kv = None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((batch, seq), jnp.int32)
+            k_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
+            cache_meta = (k_segment_ids, start)
+            kv = (cache.k, cache.v)
+
+        block = block_class(cfg)
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_layers,
+            )(cfg, name="layers")
+            x, new_kv = layers(x, positions, segment_ids, cache_meta, kv)
+        else:
+            per_layer = []
+            for i in range(cfg.num_layers):
+                kv_i = None if kv is None else (kv[0][i], kv[1][i])
+                x, new_kv_i = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, cache_meta, kv_i)
+                per_layer.append(new_kv_i)
+            new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*per_layer))
+
+        x = Norm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum(
+                "bsd,vd->bsv", x, embed.embedding.astype(x.dtype), preferred_element_type=jnp.float32
+            )  # [batch, seq, vocab]
+        else:
+            logits = LMHead(cfg, name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_meta[0], index=start + seq)
+
+
+# ---------------------------------------------------------------------- params helpers
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Random params (on the default device). For sharded init see `llama_jax.sharding`."""
+    return Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_shapes(config: ModelConfig):
+    """The params pytree as ShapeDtypeStructs; allocates nothing, even at 70B."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def stack_layers(params):
+    """`layers_{i}/...` -> `layers/...` with a leading [layers] axis (the scan_layers layout)."""
+    params = dict(params)
+    idx = sorted(int(m.group(1)) for k in params if (m := _LAYER_KEY.match(k)))
+    if not idx:
+        return params
+    layers = [params.pop(f"layers_{i}") for i in idx]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params):
+    """`layers/...` (leading [layers] axis) -> `layers_{i}/...`."""
+    params = dict(params)
+    if "layers" not in params:
+        return params
+    stacked = params.pop("layers")
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
+def to_layout(params, config: ModelConfig):
+    """Params in the layer layout `config.scan_layers` expects, whichever layout they arrive in."""
+    return stack_layers(params) if config.scan_layers else unstack_layers(params)
