@@ -1,0 +1,128 @@
+"""The workdir: a self-contained directory that training, evaluation, sampling and conversion share.
+
+    DIR/config.json          the resolved experiment config (its "model" entry is a ModelConfig dict)
+    DIR/tokenizer/           tokenizer.model, tokenizer.json or byte.json (see llama_jax.tokenizer)
+    DIR/checkpoints/<step>/  Orbax checkpoints; item "params" always, "train_state" when training wrote it
+
+Evaluation and sampling restore only the "params" item, so a workdir imported from HF (params only) and
+one written by training are read the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from llama_jax.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(RuntimeError):
+    """A workdir or checkpoint that cannot be used; the message says what to do."""
+
+
+def write_config(workdir, config: dict[str, Any]) -> None:
+    """Write DIR/config.json atomically (write to a temp file, then rename)."""
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    tmp.rename(path / CONFIG_FILE)
+
+
+def read_config(workdir) -> dict[str, Any]:
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist: {workdir} is not a llama_jax workdir. Create one with "
+            "`python -m experiments.train --workdir=...` or `python -m experiments.convert_hf --workdir=...`."
+        )
+    return json.loads(path.read_text())
+
+
+def read_model_config(workdir) -> ModelConfig:
+    return ModelConfig.from_dict(read_config(workdir)["model"])
+
+
+def manager(workdir, *, max_to_keep: int | None = None, keep_period: int | None = None, **options) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / CHECKPOINT_DIR,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period, create=True, **options
+        ),
+        item_handlers={
+            "params": ocp.StandardCheckpointHandler(),
+            "train_state": ocp.StandardCheckpointHandler(),
+            "data_state": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def latest_step(workdir) -> int | None:
+    """The newest *complete* checkpoint step (Orbax never lists a half-written one), or None."""
+    if not (epath.Path(workdir) / CHECKPOINT_DIR).exists():
+        return None
+    with manager(workdir) as mngr:
+        return mngr.latest_step()
+
+
+def save_params(workdir, params, step: int = 0) -> None:
+    """Save a params-only checkpoint (what `experiments.convert_hf` writes)."""
+    with manager(workdir) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        mngr.wait_until_finished()
+
+
+def restore_params(workdir, abstract_params, step: int | None = None):
+    """Restore the "params" item onto `abstract_params` (ShapeDtypeStructs, with shardings if sharded).
+
+    Shapes are checked against the model before anything is read, and every mismatch is named.
+    """
+    step = latest_step(workdir) if step is None else step
+    if step is None:
+        raise CheckpointError(
+            f"no complete checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train first or point "
+            "--workdir at a directory that has one."
+        )
+    with manager(workdir) as mngr:
+        stored = mngr.item_metadata(step)
+        stored = stored["params"] if stored is not None and "params" in stored else None
+        if stored is not None:
+            check_shapes(abstract_params, stored, where=f"{workdir} step {step}")
+        try:
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised with the workdir and step named
+            raise CheckpointError(f"could not read params of {workdir} at step {step}: {e}") from e
+    return restored["params"]
+
+
+def check_shapes(expected, stored, *, where: str) -> None:
+    """Raise naming every param whose stored shape differs from (or is missing in) the model's."""
+    exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(stored)
+        if hasattr(v, "shape")
+    }
+    problems = [f"{k}: model {s}, checkpoint {got.get(k, 'missing')}" for k, s in exp.items() if got.get(k) != s]
+    problems += [f"{k}: in checkpoint, not in model" for k in got if k not in exp]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise CheckpointError(
+            f"checkpoint {where} does not match the model config ({len(problems)} params differ):\n  {shown}\n"
+            "Use the model config the checkpoint was written with (its config.json), or start fresh."
+        )
+
+
+def tokenizer_dir(workdir) -> str:
+    return os.fspath(epath.Path(workdir) / TOKENIZER_DIR)
