@@ -1,5 +1,7 @@
 """ModelConfig: validation, derived sizes against real params trees, presets at full size via eval_shape."""
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -40,7 +42,7 @@ def test_from_dict_rejects_unknown_fields_and_round_trips():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         preset("tiny").dim = 3  # type: ignore[misc]
 
 
