@@ -101,7 +101,7 @@ def restore_params(workdir, abstract_params, step: int | None = None):
             restored = mngr.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
             )
-        except Exception as e:  # noqa: BLE001 - re-raised with the workdir and step named
+        except Exception as e:
             raise CheckpointError(f"could not read params of {workdir} at step {step}: {e}") from e
     return restored["params"]
 
