@@ -22,7 +22,9 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     c.num_steps = 1000
     c.batch_size = 16  # global, across all hosts
     c.seq_len = 128
-    c.grad_accum_steps = 1
+    c.grad_accum_steps = 1  # microbatches per step (lax.scan); batch_size is the global batch per update
+    c.z_loss = 0.0  # coefficient of PaLM's z-loss, mean over targets of logsumexp(logits)^2; 1e-4 is typical
+    c.max_consecutive_skips = 5  # halt after this many non-finite (skipped) steps in a row; 0 never halts
     c.log_every = 10
     c.eval_every = 200
     c.checkpoint_every = 200
@@ -30,20 +32,33 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     c.keep_period = 0  # also keep every N-th step permanently; 0 disables
     c.init_from = ""  # workdir whose params start a fine-tune (fresh optimizer)
 
+    # Device mesh (llama_jax.sharding): sizes of the data / fsdp / tensor axes over all processes'
+    # devices; -1 = all remaining devices. Batch is split over data*fsdp.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # rule_set: "dp" | "fsdp" | "fsdp_tp" (llama_jax.sharding.RULE_SETS). fsdp_tp uses whichever mesh
+    # axes are > 1, so the mesh alone picks the strategy. param_rules: ((regex, spec), ...) replacing the
+    # set's param rules; activation_rules: ((logical_name, mesh_axes), ...) replacing its activation rules.
+    c.sharding = ml_collections.ConfigDict(dict(rule_set="fsdp_tp", param_rules=None, activation_rules=None))
 
     c.optimizer = ml_collections.ConfigDict(
         dict(
-            name="adamw",
-            lr=3e-4,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
-            schedule="cosine",
+            name="adamw",  # adamw | adafactor | lion
+            lr=3e-4,  # peak learning rate
+            b1=0.9,  # adamw / lion
+            b2=0.95,  # adamw / lion (lion's paper uses 0.99)
+            eps=1e-8,  # adamw
+            weight_decay=0.1,  # decoupled; adafactor's is not multiplied by the lr
+            schedule="cosine",  # cosine | linear | constant | wsd, all after a linear warmup
             warmup_steps=100,
-            min_lr_ratio=0.1,
-            clip_norm=1.0,
+            min_lr_ratio=0.1,  # final lr = lr * min_lr_ratio
+            decay_fraction=0.1,  # wsd: the final fraction of num_steps spent decaying
+            wsd_decay_shape="linear",  # wsd: linear | cosine | 1-sqrt
+            clip_norm=1.0,  # global-norm gradient clipping; 0 disables
+            # Regexes searched in '/'-joined param paths; matches get no weight decay.
+            no_decay=(r"norm/(scale|bias)$", r"(^|/)bias$", r"(^|/)embed/embedding$"),
+            adafactor_decay_rate=0.8,
+            adafactor_param_scale=False,  # multiply updates by the param RMS (T5 style)
+            adafactor_clipping_threshold=1.0,  # update clipping by block RMS; 0 disables
         )
     )
 
