@@ -324,6 +324,7 @@ def test_bf16_safetensors(small_hf_dir, tmp_path):
         (dict(attention_bias=True, mlp_bias=False), "attention_bias=True but mlp_bias=False"),
         (dict(num_attention_heads=3), "num_heads=3"),
         (dict(hidden_size=None), "missing ['hidden_size']"),
+        (dict(rope_scaling=dict(rope_type="linear", factor=2.0)), "disagree"),
     ],
 )
 def test_rejects_unsupported_config(small_hf_dir, tmp_path, changes, message):
@@ -477,3 +478,16 @@ def test_convert_hf_command_line_round_trip(small_hf_dir, tmp_path):
     with pytest.raises(hf.HFExportError, match="not empty"):
         hf.export_from_workdir(work, out)
     assert leftovers(tmp_path) == []
+
+
+def test_scanned_workdir_exports_unscanned_hf(small_hf_dir, tmp_path):
+    cfg = hf.import_to_workdir(small_hf_dir, tmp_path / "work", scan_layers=True, dtype="bfloat16")
+    assert cfg.scan_layers and cfg.param_dtype == "bfloat16"
+    stored = checkpoint.restore_params(
+        tmp_path / "work", param_shapes(checkpoint.read_model_config(tmp_path / "work"))
+    )
+    assert stored["layers"]["mlp"]["down_proj"]["kernel"].shape[0] == cfg.num_layers
+    hf.export_from_workdir(tmp_path / "work", tmp_path / "out")  # dtype defaults to the workdir's bf16
+    assert str(load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype) == "bfloat16"
+    _, params = hf.load_hf_llama(tmp_path / "out", scan_layers=True)
+    assert_trees_equal(params, stored)
