@@ -85,7 +85,7 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame):  # noqa: ARG002
+    def _handle(self, signum, frame):
         log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
         self.requested = True
 
