@@ -65,12 +65,20 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     c.data = ml_collections.ConfigDict(
         dict(
             tfds_name="tiny_shakespeare",
-            train_split="train",
-            eval_split="validation",
-            text_key="text",
-            data_dir="",
-            manual_dir="",
-            tokenizer="byte",
+            train_split="train",  # TFDS split syntax, slices allowed: "train[:95%]"
+            eval_split="validation",  # held out; must not overlap train_split
+            text_key="text",  # TFDS feature / jsonl field holding the text
+            data_dir="",  # TFDS data dir ("" = TFDS default; gs:// works)
+            manual_dir="",  # offline builds: dir with the downloaded files (tiny_shakespeare: input.txt)
+            train_files="",  # comma-separated local globs (.jsonl: a doc per line; else a doc per file)
+            eval_files="",  # held-out local files; required with train_files
+            tokenizer="byte",  # "byte", a tokenizer.model/tokenizer.json, or a dir holding one
+            packing="concat",  # "concat" (attend across docs) or "packed" (segment_ids per doc)
+            add_bos=True,
+            add_eos=True,
+            eval_batch_size=0,  # 0 = batch_size
+            cache_dir="",  # keep tokenized splits here as .npy (memory-mapped on reuse); "" = in memory
+            prefetch=2,  # batches computed ahead in a background thread
         )
     )
     return c

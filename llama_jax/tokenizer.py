@@ -291,7 +291,7 @@ def _load_file(path: str) -> Tokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte", a tokenizer file (.model = SentencePiece, .json = HF or byte.json), or a directory with one.
+    """ "byte", a tokenizer file (.model = SentencePiece, .json = HF or byte.json), or a directory with one.
 
     In a directory the first present of byte.json, tokenizer.model, tokenizer.json is used (HF LLaMA-2 repos
     ship both of the last two, which agree; SentencePiece's is the original). If tokenizer.model is not a
