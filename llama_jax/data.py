@@ -1,5 +1,5 @@
-"""Input pipeline: text documents -> token stream -> fixed-length rows -> batches that are a pure function of
-the step.
+"""Input pipeline: text documents -> token streams -> fixed-length rows -> batches that are a pure function
+of the step.
 
 Sources (section `config.data`, see llama_jax/defaults.py)
   * TFDS: any dataset with a text feature (`tfds_name`, `text_key`, `data_dir` (may be gs://), `manual_dir`
@@ -10,19 +10,22 @@ Sources (section `config.data`, see llama_jax/defaults.py)
     used): `.jsonl` = one document per line (field `text_key`); any other file = one UTF-8 document per
     file. Held-out data for local files is whatever `eval_files` names; the same file in both is an error.
 
-Token stream
-  Each split is tokenized once, documents in split order, into one array: `[BOS] ids [EOS]` per document
-  (`add_bos` / `add_eos`). `cache_dir` keeps it on disk (memory-mapped on later runs). A whole split's token
-  stream has to fit on local disk (or in memory without a cache dir); documents are tokenized in chunks so
-  the raw text never has to.
+Token stream and windows
+  Documents are tokenized into one array per *window*: `[BOS] ids [EOS]` per document (`add_bos` /
+  `add_eos`), documents in split order. By default (`window_docs=0`) the whole split is one window,
+  tokenized once up front and kept in memory (or, with `cache_dir`, on disk as .npy, memory-mapped on later
+  runs). For datasets too big for that (C4), `window_docs=N` cuts the split into windows of N consecutive
+  documents, each tokenized only when training reaches it (the next one in a background thread; the last
+  few are kept). Eval splits are always one window.
 
-Rows (`packing`), L = seq_len
+Rows (`packing`), L = seq_len, built per window
   * "concat": row r is stream[r*L : r*L + L + 1] (inputs = [:-1], targets = [1:]). Consecutive rows share one
-    token, so every stream token except the very first is a target exactly once; the last row is shorter and
-    padded. Nothing is dropped. Attention crosses documents (segment_ids all 1, positions 0..L-1).
+    token, so every stream token except the window's very first (a BOS with add_bos) is a target exactly
+    once; the last row is shorter and padded. Nothing else is dropped. Attention crosses documents
+    (segment_ids all 1, positions 0..L-1).
   * "packed": each document is cut into pieces of at most L+1 tokens (again sharing one token, so every
     document token except its first is a target exactly once) and pieces are packed into rows of L positions
-    next-fit, in split order (computed once, not per epoch). segment_ids number the pieces 1, 2, ... within a
+    next-fit, in split order (computed once per window, not per epoch). segment_ids number the pieces 1, 2, ... within a
     row and positions restart at 0 for each, so attention stays inside a document; padding has
     segment_id 0 and loss_mask 0. Nothing is dropped.
 
@@ -30,10 +33,13 @@ Batches: dict of int32 [batch, seq_len] arrays `inputs`, `targets`, `segment_ids
 `loss_mask` (0 on padding). Eval batches add int32 `target_bytes` (see below).
 
 Epochs and exact resume
-  Global sample g = step * batch_size + i (i < batch_size) reads row perm_e[g mod R] with e = g div R (R rows)
-  and perm_e a permutation seeded by (seed, e). So each epoch visits every row exactly once, batches may
-  straddle an epoch boundary (nothing is dropped at an epoch's end), and the batch of a step depends only on
-  (seed, step, data config): the iterator state is just the step.
+  Epoch e visits the windows in the order of a permutation seeded by (seed, e), and each window's rows in
+  the order of a permutation seeded by (seed, e, window). Global sample g = step * batch_size + i
+  (i < batch_size) is the g-th row of that sequence. So each epoch reads every row exactly once, batches
+  may straddle an epoch boundary (nothing is dropped at an epoch's end), and the batch of a step depends
+  only on (seed, step, data config): with one window, row perm_e[g mod R] for R rows. The iterator state is
+  the step, plus the row counts of the windows seen so far (so a resume need not re-tokenize the windows
+  before it to find its place).
 
 Multi-host: the global batch is split into process_count equal slices; process p reads only rows
   [p*b, (p+1)*b) of it (b = batch_size / process_count). `make_global_batch` assembles the jax.Array.
@@ -84,14 +90,23 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Documents:
-    """The documents of one split: re-iterable texts, a name for messages, and a key for cache identity."""
+    """The documents of one split: `read(lo, hi)` yields texts lo..hi-1; a name for messages; a cache key."""
 
     name: str
     key: str
-    iterate: Callable[[], Iterator[str]]
+    num_docs: int
+    read: Callable[[int, int], Iterator[str]]
+
+    def __len__(self) -> int:
+        return self.num_docs
 
     def __iter__(self) -> Iterator[str]:
-        return self.iterate()
+        return self.read(0, self.num_docs)
+
+    @classmethod
+    def from_texts(cls, texts: list[str], name: str = "texts") -> Documents:
+        key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+        return cls(name, f"texts:{key}", len(texts), lambda lo, hi: iter(texts[lo:hi]))
 
 
 def _tfds():
@@ -174,14 +189,14 @@ def tfds_documents(
             "--config.data.text_key to the one holding the text."
         )
 
-    def iterate() -> Iterator[str]:
-        for lo in range(0, len(source), 256):
-            for record in source.__getitems__(list(range(lo, min(lo + 256, len(source))))):
+    def read(lo: int, hi: int) -> Iterator[str]:
+        for a in range(lo, hi, 256):
+            for record in source.__getitems__(list(range(a, min(a + 256, hi)))):
                 text = record[text_key]
                 yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
     key = f"tfds:{builder.info.full_name}:{split}:{text_key}"
-    return Documents(f"TFDS {builder.info.full_name} split {split!r}", key, iterate)
+    return Documents(f"TFDS {builder.info.full_name} split {split!r}", key, len(source), read)
 
 
 def _expand_files(patterns: str, what: str) -> list[str]:
@@ -197,29 +212,30 @@ def _expand_files(patterns: str, what: str) -> list[str]:
 
 
 def file_documents(patterns: str, *, text_key: str = "text", what: str = "data files") -> Documents:
-    """Documents of local files: `.jsonl` = one per line (field `text_key`), other files = one per file."""
+    """Documents of local files (read into memory): `.jsonl` = one per line (field `text_key`), other files =
+    one per file."""
     paths = _expand_files(patterns, what)
-
-    def iterate() -> Iterator[str]:
-        for path in paths:
-            if path.endswith(".jsonl"):
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        record = json.loads(line)
-                        if text_key not in record:
-                            raise DataError(
-                                f"{path}:{lineno} has no field {text_key!r}; its fields are "
-                                f"{sorted(record)}. Set --config.data.text_key."
-                            )
-                        yield record[text_key]
-            else:
-                with open(path, encoding="utf-8") as f:
-                    yield f.read()
-
+    texts: list[str] = []
+    for path in paths:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if text_key not in record:
+                        raise DataError(
+                            f"{path}:{lineno} has no field {text_key!r}; its fields are "
+                            f"{sorted(record)}. Set --config.data.text_key."
+                        )
+                    texts.append(record[text_key])
+        else:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
     stats = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
-    return Documents(f"files {patterns!r}", f"files:{stats}:{text_key}", iterate)
+    return Documents(
+        f"files {patterns!r}", f"files:{stats}:{text_key}", len(texts), lambda lo, hi: iter(texts[lo:hi])
+    )
 
 
 def documents_for_role(data_cfg, role: str) -> Documents:
@@ -291,9 +307,17 @@ def _stream_dtype(tokenizer: Tokenizer):
 
 
 def tokenize(
-    docs: Documents, tokenizer: Tokenizer, *, add_bos: bool = True, add_eos: bool = True, cache_dir: str = ""
+    docs: Documents,
+    tokenizer: Tokenizer,
+    *,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    cache_dir: str = "",
+    lo: int = 0,
+    hi: int | None = None,
 ) -> TokenStream:
-    """Tokenize every document of `docs` once (in chunks, with the tokenizer's batch encoder)."""
+    """Tokenize documents lo..hi-1 of `docs` (default all) in chunks, with the tokenizer's batch encoder."""
+    hi = len(docs) if hi is None else hi
     for flag, tid, what in ((add_bos, tokenizer.bos_id, "BOS"), (add_eos, tokenizer.eos_id, "EOS")):
         if flag and tid is None:
             raise DataError(
@@ -301,7 +325,7 @@ def tokenize(
                 "tokenizer that has one."
             )
     key = hashlib.sha256(
-        f"{_CACHE_VERSION}|{docs.key}|{tokenizer.fingerprint()}|{add_bos}|{add_eos}".encode()
+        f"{_CACHE_VERSION}|{docs.key}|{lo}:{hi}|{tokenizer.fingerprint()}|{add_bos}|{add_eos}".encode()
     ).hexdigest()[:24]
     cached = os.path.join(cache_dir, key) if cache_dir else ""
     if cached and os.path.exists(os.path.join(cached, "doc_bytes.npy")):
@@ -332,15 +356,13 @@ def tokenize(
             parts.append(np.concatenate(pieces))
         chunk.clear()
 
-    for text in docs:
+    for text in docs.read(lo, hi):
         chunk.append(text)
         chunk_chars += len(text)
         if len(chunk) >= _CHUNK_DOCS or chunk_chars >= _CHUNK_CHARS:
             flush()
             chunk_chars = 0
     flush()
-    if sum(nbytes) == 0:
-        raise DataError(f"{docs.name} has no text (no documents, or only empty ones); choose another split.")
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
     doc_starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     stream = TokenStream(tokens, doc_starts, np.asarray(nbytes, np.int64), add_bos, add_eos)
@@ -483,19 +505,17 @@ def _pad_id(tokenizer: Tokenizer) -> int:
     raise AssertionError("unreachable")
 
 
-def _prepare(config, role: str, tokenizer: Tokenizer | None):
-    """Tokenizer, documents, token stream and rows of the "train" or "eval" data of an experiment config."""
-    d = config.data
-    tokenizer = tokenizer or load_tokenizer(d.tokenizer)
+def _no_text(docs: Documents) -> DataError:
+    return DataError(f"{docs.name} has no text (no documents, or only empty ones); choose another split.")
+
+
+def _prepare(config, role: str, tokenizer: Tokenizer | None) -> tuple[Tokenizer, Documents]:
+    """The tokenizer (checked against the model) and the "train" or "eval" documents of a config."""
+    tokenizer = tokenizer or load_tokenizer(config.data.tokenizer)
     if "model" in config and "vocab_size" in config.model:
         check_vocab(tokenizer, config.model.vocab_size)
-    check_no_leak(d)
-    docs = documents_for_role(d, role)
-    stream = tokenize(docs, tokenizer, add_bos=d.add_bos, add_eos=d.add_eos, cache_dir=d.get("cache_dir", ""))
-    rows = build_rows(stream, config.seq_len, d.packing)
-    # docs.name, not docs.key: a moved data_dir or a re-copied file must not block resuming.
-    key = f"{docs.name}|{tokenizer.fingerprint()}|{d.add_bos}|{d.add_eos}|{d.packing}|{config.seq_len}"
-    return tokenizer, stream, rows, key
+    check_no_leak(config.data)
+    return tokenizer, documents_for_role(config.data, role)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -510,62 +530,200 @@ class TrainData:
     """
 
     def __init__(self, config, tokenizer: Tokenizer | None = None):
-        tokenizer, stream, rows, key = _prepare(config, "train", tokenizer)
+        tokenizer, docs = _prepare(config, "train", tokenizer)
+        d = config.data
         self._setup(
-            stream, rows, batch_size=config.batch_size, seed=config.seed, pad_id=_pad_id(tokenizer), key=key
+            docs,
+            tokenizer,
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            packing=d.packing,
+            add_bos=d.add_bos,
+            add_eos=d.add_eos,
+            window_docs=d.get("window_docs", 0),
+            cache_dir=d.get("cache_dir", ""),
+            prefetch=d.get("prefetch", 2),
         )
-        self.prefetch = config.data.get("prefetch", 2)
 
     @classmethod
-    def from_stream(
-        cls, stream: TokenStream, rows: Rows, *, batch_size: int, seed: int, pad_id: int, key: str = ""
-    ):
-        """Build from parts (tests, benchmarks); `key` names the data for the resume fingerprint."""
+    def from_documents(cls, docs: Documents, tokenizer: Tokenizer, **options) -> TrainData:
+        """Build without a config (tests, benchmarks): keyword options as `_setup` takes them."""
         self = cls.__new__(cls)
-        self._setup(stream, rows, batch_size=batch_size, seed=seed, pad_id=pad_id, key=key)
-        self.prefetch = 2
+        self._setup(docs, tokenizer, **options)
         return self
 
-    def _setup(self, stream, rows, *, batch_size, seed, pad_id, key):
-        if rows.num_rows == 0:
-            raise DataError("the training split yields no rows (it has fewer than 2 tokens).")
-        self.stream, self.rows = stream, rows
-        self.batch_size, self.seed, self.pad_id = batch_size, int(seed), pad_id
-        self.fingerprint = hashlib.sha256(f"{key}|{rows.num_rows}|{batch_size}|{seed}".encode()).hexdigest()[
-            :16
-        ]
-        self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._lock = threading.Lock()  # the prefetch thread and the caller share the permutation cache
-
-    @property
-    def num_rows(self) -> int:
-        """Rows (sequences) per epoch."""
-        return self.rows.num_rows
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.num_rows / self.batch_size
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if epoch not in self._perms:
-                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-                while len(self._perms) > 3:
-                    self._perms.popitem(last=False)
-            return self._perms[epoch]
-
-    def row_ids_for_step(
-        self, step: int, process_index=None, process_count=None, *, rows: slice | None = None
+    def _setup(
+        self,
+        docs: Documents,
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        packing: str = "concat",
+        add_bos: bool = True,
+        add_eos: bool = True,
+        window_docs: int = 0,
+        cache_dir: str = "",
+        prefetch: int = 2,
     ):
-        """The rows this process reads at `step` (see the module docstring for the epoch layout)."""
-        sl = local_rows(self.batch_size, process_index, process_count, rows)
-        g = step * self.batch_size + np.arange(sl.start, sl.stop, dtype=np.int64)
-        epoch, k = np.divmod(g, self.num_rows)
-        out = np.empty_like(g)
+        if packing not in PACKING_MODES:
+            raise DataError(f"data.packing must be one of {PACKING_MODES}, not {packing!r}")
+        if seq_len < 1 or batch_size < 1:
+            raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if len(docs) == 0:
+            raise _no_text(docs)
+        self.docs, self.tokenizer = docs, tokenizer
+        self.seq_len, self.batch_size, self.seed, self.packing = seq_len, batch_size, int(seed), packing
+        self.add_bos, self.add_eos, self.cache_dir, self.prefetch = add_bos, add_eos, cache_dir, prefetch
+        self.pad_id = _pad_id(tokenizer)
+        n = len(docs)
+        per = window_docs if 0 < window_docs < n else n
+        self.windows = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+        # docs.name, not docs.key: a moved data_dir or a re-copied file must not block resuming.
+        ident = f"{docs.name}|{tokenizer.fingerprint()}|{add_bos}|{add_eos}|{packing}|{seq_len}|{batch_size}|{seed}|{per}"
+        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self._lock = threading.RLock()
+        self._loaded: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
+        self._counts: dict[int, int] = {}  # rows per window, once known
+        self._prefix0: list[int] = []  # cumulative row counts along epoch 0's window order, as far as known
+        self._perms: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()  # + cumulative sums
+        self._background = concurrent.futures.ThreadPoolExecutor(1) if len(self.windows) > 1 else None
+        if len(self.windows) == 1:
+            stream, rows = self._window(0)
+            if int(stream.doc_bytes.sum()) == 0 or rows.num_rows == 0:
+                raise _no_text(docs)
+
+    # -- windows -------------------------------------------------------------------------------------
+
+    def _build_window(self, w: int) -> tuple[TokenStream, Rows]:
+        lo, hi = self.windows[w]
+        stream = tokenize(
+            self.docs,
+            self.tokenizer,
+            add_bos=self.add_bos,
+            add_eos=self.add_eos,
+            cache_dir=self.cache_dir,
+            lo=lo,
+            hi=hi,
+        )
+        rows = build_rows(stream, self.seq_len, self.packing)
+        with self._lock:
+            self._counts[w] = rows.num_rows
+        return stream, rows
+
+    def _window(self, w: int) -> tuple[TokenStream, Rows]:
+        """Window w's token stream and rows; tokenized once, by whichever thread asks first."""
+        with self._lock:
+            future = self._loaded.get(w)
+            owner = future is None
+            if owner:
+                future = self._loaded[w] = concurrent.futures.Future()
+            self._loaded.move_to_end(w)
+            while len(self._loaded) > 3:  # keep the last few windows (a pending one stays with its waiters)
+                self._loaded.popitem(last=False)
+        if owner:
+            try:
+                future.set_result(self._build_window(w))
+            except BaseException as e:
+                with self._lock:
+                    self._loaded.pop(w, None)
+                future.set_exception(e)
+        return future.result()
+
+    def _count(self, w: int) -> int:
+        with self._lock:
+            if w in self._counts:
+                return self._counts[w]
+        return self._window(w)[1].num_rows
+
+    def _perm(self, *key: int) -> np.ndarray:
+        """Window order of epoch e (key (e,)), or row order of window w in epoch e (key (e, w))."""
+        with self._lock:
+            if key not in self._perms:
+                n = len(self.windows) if len(key) == 1 else self._counts[key[1]]
+                self._perms[key] = np.random.default_rng([self.seed, *key]).permutation(n)
+                while len(self._perms) > 8:
+                    self._perms.popitem(last=False)
+            return self._perms[key]
+
+    @property
+    def rows_per_epoch(self) -> int | None:
+        """Rows (sequences) per epoch; None while windows not yet tokenized leave it unknown."""
+        with self._lock:
+            return sum(self._counts.values()) if len(self._counts) == len(self.windows) else None
+
+    @property
+    def steps_per_epoch(self) -> float | None:
+        r = self.rows_per_epoch
+        return None if r is None else r / self.batch_size
+
+    # -- locating global samples ---------------------------------------------------------------------
+
+    def _cumulative(self, epoch: int) -> np.ndarray:
+        """End offsets of the windows' rows along epoch `epoch`'s window order (only a prefix when unknown)."""
+        if self.rows_per_epoch is None:
+            return np.asarray(self._prefix0, np.int64)
+        with self._lock:
+            if ("cum", epoch) not in self._perms:
+                order = self._perm(epoch).tolist()
+                self._perms["cum", epoch] = np.cumsum([self._counts[w] for w in order], dtype=np.int64)
+            return self._perms["cum", epoch]
+
+    def _walk_epoch0(self, g_max: int) -> None:
+        """Learn row counts along epoch 0's window order until sample g_max is placed (tokenizing windows
+        whose counts are not yet known) or the epoch's total is known."""
+        order = self._perm(0).tolist()
+        while self.rows_per_epoch is None:
+            with self._lock:
+                i = len(self._prefix0)
+                if i and self._prefix0[-1] > g_max:
+                    return
+            if i == len(order):
+                break
+            c = self._count(order[i])
+            with self._lock:
+                if len(self._prefix0) == i:
+                    self._prefix0.append((self._prefix0[-1] if i else 0) + c)
+        if self.rows_per_epoch == 0:
+            raise _no_text(self.docs)
+
+    def _locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(epoch, window, row within the window's shuffled order) of global samples g."""
+        self._walk_epoch0(int(g.max()))
+        total = self.rows_per_epoch
+        epoch, r = np.divmod(g, total) if total is not None else (np.zeros_like(g), g)
+        window, k = np.empty_like(g), np.empty_like(g)
         for e in np.unique(epoch).tolist():
             m = epoch == e
-            out[m] = self._perm(e)[k[m]]
-        return out
+            cum = self._cumulative(e)
+            i = np.searchsorted(cum, r[m], side="right")
+            window[m] = self._perm(e)[i]
+            k[m] = r[m] - (cum[i] - np.asarray([self._counts[w] for w in window[m].tolist()], np.int64))
+        return epoch, window, k
+
+    def rows_for_step(self, step: int, process_index=None, process_count=None, *, rows: slice | None = None):
+        """(window, row) pairs, shape [local_batch, 2], that this process reads at `step`."""
+        sl = local_rows(self.batch_size, process_index, process_count, rows)
+        g = step * self.batch_size + np.arange(sl.start, sl.stop, dtype=np.int64)
+        epoch, window, k = self._locate(g)
+        row = np.empty_like(k)
+        for e, w in sorted({(int(a), int(b)) for a, b in zip(epoch, window)}):
+            m = (epoch == e) & (window == w)
+            row[m] = self._perm(e, w)[k[m]]
+        if self._background is not None:
+            self._prefetch_next_window(int(epoch[-1]), int(window[-1]))
+        return np.stack([window, row], axis=1)
+
+    def _prefetch_next_window(self, epoch: int, window: int) -> None:
+        order = self._perm(epoch)
+        pos = int(np.flatnonzero(order == window)[0])
+        nxt = int(order[pos + 1]) if pos + 1 < len(order) else int(self._perm(epoch + 1)[0])
+        with self._lock:
+            if nxt in self._loaded:
+                return
+        self._background.submit(self._window, nxt)
 
     def batch_for_step(self, step: int, process_index=None, process_count=None, *, rows: slice | None = None):
         """This process's [local_batch, seq_len] slice of the global batch at `step`.
@@ -573,36 +731,56 @@ class TrainData:
         process_index/process_count default to jax's; `rows` (a slice of the global batch) overrides both,
         e.g. sharding.process_batch_slice(mesh, batch_size) when the mesh orders processes differently.
         """
-        row_ids = self.row_ids_for_step(step, process_index, process_count, rows=rows)
-        return _gather(self.stream.tokens, self.rows, row_ids, self.pad_id)
+        pairs = self.rows_for_step(step, process_index, process_count, rows=rows)
+        out = None
+        for w in np.unique(pairs[:, 0]).tolist():
+            m = pairs[:, 0] == w
+            stream, window_rows = self._window(w)
+            part = _gather(stream.tokens, window_rows, pairs[m, 1], self.pad_id)
+            if out is None:
+                out = {k: np.empty((len(pairs),) + v.shape[1:], v.dtype) for k, v in part.items()}
+            for key, v in part.items():
+                out[key][m] = v
+        return out
 
     batch = batch_for_step  # the name llama_jax.train uses
 
+    # -- iteration and state -------------------------------------------------------------------------
+
+    def state(self, step: int) -> dict:
+        """JSON-able data state for resuming at `step` (the checkpoint's "data_state" item)."""
+        with self._lock:
+            counts = sorted(self._counts.items())
+        return {"step": int(step), "fingerprint": self.fingerprint, "window_rows": [list(c) for c in counts]}
+
+    def restore(self, state: dict) -> int:
+        """Check a saved `state` against this data, reuse its window row counts, return its step."""
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError(
+                "the saved data state was written with a different data config (dataset, split, tokenizer, "
+                "seq_len, batch_size, seed, packing or window_docs), so resuming would not replay the same "
+                f"batches. Restore that config, or resume at the step anyway with start={state.get('step')} "
+                "(an int)."
+            )
+        with self._lock:
+            for w, c in state.get("window_rows", []):
+                self._counts.setdefault(int(w), int(c))
+        return int(state["step"])
+
     def iterator(self, start=0, *, process_index=None, process_count=None, rows=None, prefetch=None):
-        """Batches from `start`: a step, or a `DataIterator.state()` dict (checked to match this data)."""
+        """Batches from `start`: a step, or a `state()` dict (checked to match this data)."""
         if isinstance(start, dict):
-            if start.get("fingerprint") != self.fingerprint:
-                raise DataError(
-                    "the saved data state was written with a different data config (dataset, split, "
-                    "tokenizer, seq_len, batch_size, seed or packing), so resuming would not replay the same "
-                    "batches. Restore that config, or resume at the step anyway by passing "
-                    f"start={start.get('step')} (an int)."
-                )
-            start = int(start["step"])
+            start = self.restore(start)
         prefetch = self.prefetch if prefetch is None else prefetch
-        return DataIterator(
-            self,
-            int(start),
-            dict(process_index=process_index, process_count=process_count, rows=rows),
-            prefetch,
-        )
+        where = dict(process_index=process_index, process_count=process_count, rows=rows)
+        return DataIterator(self, int(start), where, prefetch)
 
 
 class DataIterator:
     """Iterates `TrainData` batches from a step, computing the next `prefetch` batches in a thread.
 
-    `state()` is {"step": the step of the next batch, "fingerprint": ...}: JSON, for the checkpoint's
-    "data_state" item. Batches are pure functions of the step, so prefetching never changes what is seen.
+    `state()` is what `TrainData.iterator` resumes from: JSON, for the checkpoint's "data_state" item.
+    Batches are pure functions of the step, so prefetching never changes what is seen.
     """
 
     def __init__(self, data: TrainData, step: int, where: dict, prefetch: int):
@@ -612,9 +790,8 @@ class DataIterator:
         self._pending: collections.deque = collections.deque()
 
     def _compute(self, step: int) -> dict:
-        return self.data.batch_for_step(
-            step, self._where["process_index"], self._where["process_count"], rows=self._where["rows"]
-        )
+        w = self._where
+        return self.data.batch_for_step(step, w["process_index"], w["process_count"], rows=w["rows"])
 
     def __iter__(self):
         return self
@@ -632,7 +809,8 @@ class DataIterator:
         return batch
 
     def state(self) -> dict:
-        return {"step": self.step, "fingerprint": self.data.fingerprint}
+        """The state to resume at the next batch this iterator would return."""
+        return self.data.state(self.step)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -658,14 +836,39 @@ class EvalData:
     """
 
     def __init__(self, config, tokenizer: Tokenizer | None = None):
-        tokenizer, stream, rows, _ = _prepare(config, "eval", tokenizer)
-        batch_size = config.data.get("eval_batch_size", 0) or config.batch_size
+        tokenizer, docs = _prepare(config, "eval", tokenizer)
+        d = config.data
+        stream = tokenize(
+            docs, tokenizer, add_bos=d.add_bos, add_eos=d.add_eos, cache_dir=d.get("cache_dir", "")
+        )
+        if int(stream.doc_bytes.sum()) == 0:
+            raise _no_text(docs)
+        rows = build_rows(stream, config.seq_len, d.packing)
+        batch_size = d.get("eval_batch_size", 0) or config.batch_size
         self._setup(stream, rows, tokenizer, batch_size=batch_size, pad_id=_pad_id(tokenizer))
 
     @classmethod
-    def from_stream(cls, stream: TokenStream, rows: Rows, tokenizer: Tokenizer, *, batch_size: int):
+    def from_documents(
+        cls,
+        docs: Documents,
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        packing: str = "concat",
+        add_bos: bool = True,
+        add_eos: bool = True,
+    ) -> EvalData:
+        """Build without a config (tests, benchmarks)."""
+        stream = tokenize(docs, tokenizer, add_bos=add_bos, add_eos=add_eos)
         self = cls.__new__(cls)
-        self._setup(stream, rows, tokenizer, batch_size=batch_size, pad_id=_pad_id(tokenizer))
+        self._setup(
+            stream,
+            build_rows(stream, seq_len, packing),
+            tokenizer,
+            batch_size=batch_size,
+            pad_id=_pad_id(tokenizer),
+        )
         return self
 
     def _setup(self, stream, rows, tokenizer, *, batch_size, pad_id):

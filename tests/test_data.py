@@ -36,13 +36,21 @@ class IntTokenizer(tk.Tokenizer):
         return "int"
 
 
-def int_stream(doc_lengths, *, add_bos=True, add_eos=True):
+def int_docs(doc_lengths):
+    """Documents "0 1 2", "3 4", ... (consecutive integers across documents)."""
     docs, k = [], 0
     for n in doc_lengths:
         docs.append(" ".join(str(k + i) for i in range(n)))
         k += n
-    d = data.Documents("ints", "ints", lambda: iter(docs))
-    return data.tokenize(d, IntTokenizer(), add_bos=add_bos, add_eos=add_eos)
+    return data.Documents.from_texts(docs, "ints")
+
+
+def int_train(doc_lengths, **options):
+    return data.TrainData.from_documents(int_docs(doc_lengths), IntTokenizer(), **options)
+
+
+def int_stream(doc_lengths, **options):
+    return data.tokenize(int_docs(doc_lengths), IntTokenizer(), **options)
 
 
 def config(tmp_path=None, **data_overrides):
@@ -70,62 +78,78 @@ def sp_tokenizer(tmp_path_factory, shakespeare_path):
 
 
 def flat_rows(train, steps):
-    """All rows of steps 0..steps-1 in global sample order, as (inputs, targets, mask, seg, pos) arrays."""
-    batches = [train.batch_for_step(s) for s in range(steps)]
+    """All rows of steps 0..steps-1 in global sample order, as one batch dict."""
+    batches = [train.batch_for_step(s, 0, 1) for s in range(steps)]
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def epoch_rows(train):
+    """Rows per epoch, tokenizing every window to learn it."""
+    return sum(train._count(w) for w in range(len(train.windows)))
 
 
 # ---------------------------------------------------------------------------------------------- epochs
 
 
+@pytest.mark.parametrize("window_docs", [0, 2])
 @pytest.mark.parametrize("packing", ["concat", "packed"])
-def test_every_token_is_a_target_exactly_once_per_epoch(packing):
+def test_every_token_is_a_target_exactly_once_per_epoch(packing, window_docs):
     lengths = [5, 1, 40, 0, 17, 9, 3]
-    stream = int_stream(lengths)
-    rows = data.build_rows(stream, seq_len=8, packing=packing)
-    train = data.TrainData.from_stream(stream, rows, batch_size=3, seed=1, pad_id=2)
-    R = train.num_rows
+    train = int_train(lengths, seq_len=8, batch_size=3, seed=1, packing=packing, window_docs=window_docs)
+    assert len(train.windows) == (1 if window_docs == 0 else 4)
+    expected = []
+    for lo, hi in train.windows:
+        w = data.tokenize(train.docs, IntTokenizer(), lo=lo, hi=hi)
+        tokens = np.asarray(w.tokens)
+        # concat: all but the window's first token; packed: all but each document's first (its BOS).
+        expected.append(tokens[1:] if packing == "concat" else np.delete(tokens, w.doc_starts[:-1]))
+    expected = np.sort(np.concatenate(expected))
+    R = epoch_rows(train)
     got = flat_rows(train, steps=R + 1)  # 3R + 3 rows: a bit more than 3 epochs
-    tokens = np.asarray(stream.tokens)
-    starts = stream.doc_starts[:-1]
-    if packing == "concat":
-        expected = tokens[1:]  # all but the stream's first token
-    else:
-        expected = np.delete(tokens, starts)  # all but each document's first (its BOS)
+    pairs = np.concatenate([train.rows_for_step(s, 0, 1) for s in range(R + 1)])
     for e in range(3):
         sl = slice(e * R, (e + 1) * R)
         mask = got["loss_mask"][sl] > 0
         targets = got["targets"][sl][mask]
-        assert np.array_equal(np.sort(targets), np.sort(expected))
+        assert np.array_equal(np.sort(targets), expected)
         content = targets[targets >= 3]
         assert len(np.unique(content)) == len(content) == sum(lengths)  # every content token once
-        # Targets are the next token after inputs: inside a row, inputs[t+1] == targets[t].
+        # Targets are the next token after inputs: inside a segment, inputs[t+1] == targets[t].
         same_seg = (got["segment_ids"][sl][:, 1:] == got["segment_ids"][sl][:, :-1]) & mask[:, 1:]
         assert np.array_equal(got["inputs"][sl][:, 1:][same_seg], got["targets"][sl][:, :-1][same_seg])
-    # Each epoch is a permutation of the rows, a different one per epoch and per seed.
-    ids = np.concatenate([train.row_ids_for_step(s, 0, 1) for s in range(R)])
-    epochs = [ids[e * R : (e + 1) * R] for e in range(2)]
-    assert all(sorted(e) == list(range(R)) for e in epochs)
-    assert not np.array_equal(epochs[0], epochs[1])
-    other = data.TrainData.from_stream(stream, rows, batch_size=3, seed=2, pad_id=2)
-    assert not np.array_equal(np.concatenate([other.row_ids_for_step(s, 0, 1) for s in range(R)]), ids)
+        # Each epoch reads every (window, row) once.
+        assert len({tuple(p) for p in pairs[sl]}) == R
+    # The order differs between epochs, and with the seed.
+    assert not np.array_equal(pairs[:R], pairs[R : 2 * R])
+    other = int_train(lengths, seq_len=8, batch_size=3, seed=2, packing=packing, window_docs=window_docs)
+    assert not np.array_equal(
+        np.concatenate([other.rows_for_step(s, 0, 1) for s in range(R // 3)]), pairs[: R // 3 * 3]
+    )
 
 
 def test_rows_per_epoch_and_the_epoch_layout():
-    stream = int_stream([100])  # 102 tokens: 101 targets
-    rows = data.build_rows(stream, seq_len=10)
-    assert rows.num_rows == 11  # ceil(101 / 10); the last row has 1 target and 9 padded positions
-    train = data.TrainData.from_stream(stream, rows, batch_size=4, seed=0, pad_id=2)
-    ids = np.concatenate([train.row_ids_for_step(s, 0, 1) for s in range(11)])  # 44 = 4 epochs exactly
+    train = int_train([100], seq_len=10, batch_size=4)  # 102 tokens: 101 targets
+    assert train.rows_per_epoch == 11  # ceil(101 / 10); the last row has 1 target and 9 padded positions
+    assert train.steps_per_epoch == 11 / 4
+    rows = np.concatenate([train.rows_for_step(s, 0, 1)[:, 1] for s in range(11)])  # 44 = 4 epochs exactly
     for e in range(4):
-        assert sorted(ids[e * 11 : (e + 1) * 11]) == list(range(11))
-    last = data._gather(stream.tokens, rows, np.array([10]), pad_id=2)
+        assert sorted(rows[e * 11 : (e + 1) * 11]) == list(range(11))
+    stream, window_rows = train._window(0)
+    last = data._gather(stream.tokens, window_rows, np.array([10]), pad_id=2)
     assert last["loss_mask"][0].tolist() == [1] + [0] * 9
     assert last["segment_ids"][0].tolist() == [1] + [0] * 9
 
 
+def test_windows_are_tokenized_lazily():
+    train = int_train([30] * 10, seq_len=8, batch_size=2, window_docs=3)  # windows of 3, 3, 3, 1 docs
+    assert train.rows_per_epoch is None and train._counts == {}
+    train.batch_for_step(0, 0, 1)
+    assert 1 <= len(train._counts) <= 2  # the first window in epoch 0's order (+ the next, in background)
+    assert train.rows_per_epoch is None
+
+
 def test_packed_segments_positions_and_padding():
-    stream = int_stream([3, 2, 20, 1], add_bos=True, add_eos=True)  # docs of 5, 4, 22, 3 tokens
+    stream = int_stream([3, 2, 20, 1])  # docs of 5, 4, 22, 3 tokens with BOS and EOS
     rows = data.build_rows(stream, seq_len=8, packing="packed")
     b = data._gather(stream.tokens, rows, np.arange(rows.num_rows), pad_id=2)
     tokens = np.asarray(stream.tokens)
@@ -138,7 +162,7 @@ def test_packed_segments_positions_and_padding():
         for s in np.unique(seg[real]):
             cols = np.flatnonzero(seg == s)
             assert np.array_equal(pos[cols], np.arange(len(cols)))  # positions restart per segment
-            # A segment's inputs and targets all come from one document, in order.
+            # A segment's targets all come from one document.
             src = [np.flatnonzero(tokens == t)[0] for t in b["targets"][r, cols] if t >= 3]
             assert len({doc_of[i] for i in src}) <= 1
     # First row: doc0 (4 targets) + doc1 (3 targets) fit 8 positions; doc2 is cut into pieces of 8.
@@ -157,32 +181,31 @@ def _hash(batch):
     return h.hexdigest()
 
 
-def test_resume_replays_the_same_batches_across_an_epoch_boundary():
-    stream = int_stream([7, 30, 12, 4, 25])
-    rows = data.build_rows(stream, seq_len=6, packing="packed")
-    train = data.TrainData.from_stream(stream, rows, batch_size=3, seed=5, pad_id=2, key="test")
-    assert 3 < train.steps_per_epoch < 12  # steps 0..14 cross at least one epoch boundary
+@pytest.mark.parametrize("window_docs", [0, 2])
+def test_resume_replays_the_same_batches_across_an_epoch_boundary(window_docs):
+    lengths = [7, 30, 12, 4, 25]
+    opts = dict(seq_len=6, batch_size=3, seed=5, packing="packed", window_docs=window_docs)
+    train = int_train(lengths, **opts)
     n = 15
-    it = train.iterator(0)
-    straight = [_hash(next(it)) for _ in range(n)]
-    it.close()
-    boundary = int(np.ceil(train.steps_per_epoch))
+    with train.iterator(0) as it:
+        straight = [_hash(next(it)) for _ in range(n)]
+    boundary = int(np.ceil(epoch_rows(train) / 3))
+    assert 3 < boundary < n - 3  # steps 0..14 cross an epoch boundary
     for k in (2, boundary - 1, boundary, boundary + 2):
-        it = train.iterator(0, prefetch=0)
-        for _ in range(k):
-            next(it)
-        state = json.loads(json.dumps(it.state()))  # what the checkpoint's JSON item stores
+        with int_train(lengths, **opts).iterator(0, prefetch=0) as it:
+            for _ in range(k):
+                next(it)
+            state = json.loads(json.dumps(it.state()))  # what the checkpoint's JSON item stores
         assert state["step"] == k
-        fresh = data.TrainData.from_stream(stream, rows, batch_size=3, seed=5, pad_id=2, key="test")
-        with fresh.iterator(state) as resumed:
+        with int_train(lengths, **opts).iterator(state) as resumed:
             assert [_hash(next(resumed)) for _ in range(n - k)] == straight[k:]
+        # Without the saved window counts, the batch is still the same (windows are re-tokenized to find it).
+        assert _hash(int_train(lengths, **opts).batch_for_step(k)) == straight[k]
 
 
 def test_resume_with_a_different_data_config_is_refused():
-    stream = int_stream([40])
-    rows = data.build_rows(stream, seq_len=6)
-    a = data.TrainData.from_stream(stream, rows, batch_size=2, seed=0, pad_id=2, key="x")
-    b = data.TrainData.from_stream(stream, rows, batch_size=4, seed=0, pad_id=2, key="x")
+    a = int_train([40], seq_len=6, batch_size=2)
+    b = int_train([40], seq_len=6, batch_size=4)
     with pytest.raises(data.DataError, match="different data config"):
         b.iterator(a.iterator(3).state())
     assert b.iterator(3).step == 3  # an int resumes regardless
@@ -191,34 +214,38 @@ def test_resume_with_a_different_data_config_is_refused():
 # ---------------------------------------------------------------------------------------------- multi-host
 
 
-def test_two_hosts_read_disjoint_rows_that_make_the_global_batch():
-    stream = int_stream([50, 20, 33])
-    rows = data.build_rows(stream, seq_len=8, packing="packed")
-    train = data.TrainData.from_stream(stream, rows, batch_size=4, seed=3, pad_id=2)
+@pytest.mark.parametrize("window_docs", [0, 1])
+def test_two_hosts_read_disjoint_rows_that_make_the_global_batch(window_docs):
+    train = int_train(
+        [50, 20, 33], seq_len=8, batch_size=4, seed=3, packing="packed", window_docs=window_docs
+    )
     for step in (0, 5, 17):
         whole = train.batch_for_step(step, 0, 1)
         parts = [train.batch_for_step(step, p, 2) for p in range(2)]
-        ids = [set(train.row_ids_for_step(step, p, 2).tolist()) for p in range(2)]
+        ids = [{tuple(r) for r in train.rows_for_step(step, p, 2)} for p in range(2)]
         assert not ids[0] & ids[1]
         for k in whole:
             assert parts[0][k].shape == (2, 8)
             assert np.array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])
         assert np.array_equal(train.batch_for_step(step, rows=slice(2, 4))["inputs"], parts[1]["inputs"])
-    ev = data.EvalData.from_stream(stream, rows, IntTokenizer(), batch_size=4)
+    with pytest.raises(data.DataError, match="divisible"):
+        train.batch_for_step(0, 0, 3)
+
+
+def test_two_hosts_eval():
+    ev = data.EvalData.from_documents(int_docs([50, 20, 33]), IntTokenizer(), seq_len=8, batch_size=4)
     one = list(ev.eval_batches(0, 1))
     two = [list(ev.eval_batches(p, 2)) for p in range(2)]
     assert len(two[0]) == len(two[1]) == len(one)  # every host runs the same number of eval steps
     for i, whole in enumerate(one):
-        assert np.array_equal(np.concatenate([two[0][i]["targets"], two[1][i]["targets"]]), whole["targets"])
-    with pytest.raises(data.DataError, match="divisible"):
-        train.batch_for_step(0, 0, 3)
+        for k in whole:
+            assert np.array_equal(np.concatenate([two[0][i][k], two[1][i][k]]), whole[k])
 
 
 def test_make_global_batch_on_emulated_devices():
     import jax
 
-    stream = int_stream([60])
-    train = data.TrainData.from_stream(stream, data.build_rows(stream, 4), batch_size=8, seed=0, pad_id=2)
+    train = int_train([60], seq_len=4, batch_size=8)
     local = train.batch_for_step(1)
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     g = data.make_global_batch(local, mesh)
@@ -295,11 +322,12 @@ def test_tiny_shakespeare_train_split_gives_many_windows(tfds_cfg, tmp_path):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.cache_dir = str(tmp_path / "cache")
     train = data.TrainData(c)
-    assert train.stream.num_docs == 1
-    n = len(train.stream.tokens)
-    assert train.num_rows == -(-(n - 1) // c.seq_len) > 30_000
+    stream, _ = train._window(0)
+    assert stream.num_docs == 1
+    n = len(stream.tokens)
+    assert train.rows_per_epoch == -(-(n - 1) // c.seq_len) > 30_000
     cached = data.TrainData(c)  # second time: read back from the cache, memory-mapped
-    assert isinstance(cached.stream.tokens, np.memmap)
+    assert isinstance(cached._window(0)[0].tokens, np.memmap)
     assert _hash(cached.batch_for_step(123)) == _hash(train.batch_for_step(123))
     assert train.batch_for_step(0)["inputs"].shape == (c.batch_size, c.seq_len)
 
@@ -311,8 +339,7 @@ def test_local_text_and_jsonl_files(tmp_path):
     c = config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.jsonl"), text_key="body")
     c.seq_len = 4
     train = data.TrainData(c)
-    assert train.stream.num_docs == 2
-    assert train.stream.doc_bytes.tolist() == [29, 7]
+    assert train._window(0)[0].doc_bytes.tolist() == [29, 7]
     ev = data.EvalData(c)
     assert ev.stream.num_docs == 2 and ev.num_bytes == len("held out") + len("docs")
 
@@ -320,7 +347,7 @@ def test_local_text_and_jsonl_files(tmp_path):
 def test_split_slices_and_leak_check(tfds_cfg):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.train_split, c.data.eval_split = "train+test", "validation"
-    assert data.TrainData(c).stream.num_docs == 2
+    assert len(data.TrainData(c).docs) == 2
     c.data.eval_split = "test"
     with pytest.raises(data.DataError, match="overlaps train split"):
         data.EvalData(c)
