@@ -77,6 +77,7 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
             add_bos=True,
             add_eos=True,
             eval_batch_size=0,  # 0 = batch_size
+            window_docs=0,  # >0: tokenize the train split lazily, this many documents at a time (C4-size data)
             cache_dir="",  # keep tokenized splits here as .npy (memory-mapped on reuse); "" = in memory
             prefetch=2,  # batches computed ahead in a background thread
         )
