@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 BYTE_FILE = "byte.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -117,11 +118,11 @@ class ByteTokenizer(Tokenizer):
         return bytes(i for i in (int(i) for i in ids) if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def save(self, directory) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, BYTE_FILE)
-        with open(path, "w") as f:
-            json.dump({"type": "byte", "bos_id": 256, "eos_id": 257, "pad_id": 258, "vocab_size": 259}, f)
-        return path
+        path = _mkdir(directory) / BYTE_FILE
+        path.write_text(
+            json.dumps({"type": "byte", "bos_id": 256, "eos_id": 257, "pad_id": 258, "vocab_size": 259})
+        )
+        return os.fspath(path)
 
     def fingerprint(self) -> str:
         return "byte-v1"
@@ -142,8 +143,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path) -> SentencePieceTokenizer:
-        with open(path, "rb") as f:
-            return cls(f.read())
+        return cls(epath.Path(path).read_bytes())
 
     @property
     def vocab_size(self) -> int:
@@ -165,11 +165,9 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.id_to_piece(int(i))
 
     def save(self, directory) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, SENTENCEPIECE_FILE)
-        with open(path, "wb") as f:
-            f.write(self._proto)
-        return path
+        path = _mkdir(directory) / SENTENCEPIECE_FILE
+        path.write_bytes(self._proto)
+        return os.fspath(path)
 
     def fingerprint(self) -> str:
         return "sp-" + hashlib.sha256(self._proto).hexdigest()[:16]
@@ -218,16 +216,14 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path) -> HFTokenizer:
         """Read `path` and, from its directory, special tokens in tokenizer_config.json/special_tokens_map.json."""
-        with open(path) as f:
-            json_str = f.read()
+        path = epath.Path(path)
+        json_str = path.read_text()
         special: dict[str, str] = {}
-        directory = os.path.dirname(os.path.abspath(path))
         # special_tokens_map.json first, so tokenizer_config.json (HF's primary source) wins on conflicts.
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            p = os.path.join(directory, name)
-            if os.path.exists(p):
-                with open(p) as f:
-                    cfg = json.load(f)
+            p = path.parent / name
+            if p.exists():
+                cfg = json.loads(p.read_text())
                 for key in ("bos_token", "eos_token", "pad_token"):
                     content = _token_content(cfg.get(key))
                     if content:
@@ -251,28 +247,30 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, HF_FILE)
-        with open(path, "w") as f:
-            f.write(self._json)
+        directory = _mkdir(directory)
+        (directory / HF_FILE).write_text(self._json)
         cfg = {}
         for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
             if i is not None:
                 cfg[key] = self._tok.id_to_token(i)
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        return path
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        return os.fspath(directory / HF_FILE)
 
     def fingerprint(self) -> str:
         specials = json.dumps([self.bos_id, self.eos_id, self.pad_id])
         return "hf-" + hashlib.sha256((self._json + specials).encode()).hexdigest()[:16]
 
 
-def _load_file(path: str) -> Tokenizer:
-    name = os.path.basename(path)
-    if name == BYTE_FILE:
+def _mkdir(directory) -> epath.Path:
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _load_file(path: epath.Path) -> Tokenizer:
+    if path.name == BYTE_FILE:
         return ByteTokenizer()
-    if path.endswith(".json"):
+    if path.name.endswith(".json"):
         try:
             return HFTokenizer.from_file(path)
         except TokenizerError:
@@ -291,7 +289,8 @@ def _load_file(path: str) -> Tokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """ "byte", a tokenizer file (.model = SentencePiece, .json = HF or byte.json), or a directory with one.
+    """A tokenizer from a spec: "byte", a tokenizer file (.model = SentencePiece, .json = HF or byte.json), or
+    a directory holding one; local, or any path etils.epath reads (gs://...).
 
     In a directory the first present of byte.json, tokenizer.model, tokenizer.json is used (HF LLaMA-2 repos
     ship both of the last two, which agree; SentencePiece's is the original). If tokenizer.model is not a
@@ -299,17 +298,16 @@ def load_tokenizer(spec: str) -> Tokenizer:
     """
     if spec == "byte":
         return ByteTokenizer()
-    path = os.fspath(spec)
-    if not spec or not os.path.exists(path):
+    path = epath.Path(spec) if spec else None
+    if path is None or not path.exists():
         raise TokenizerError(
             f"tokenizer {spec!r} not found: use 'byte', a tokenizer.model / tokenizer.json file, or a "
             "directory holding one (e.g. WORKDIR/tokenizer). Train one with `python -m "
             "experiments.train_tokenizer --output_dir=DIR`."
         )
-    if os.path.isfile(path):
+    if not path.is_dir():
         return _load_file(path)
-    candidates = [os.path.join(path, n) for n in (BYTE_FILE, SENTENCEPIECE_FILE, HF_FILE)]
-    present = [c for c in candidates if os.path.exists(c)]
+    present = [path / n for n in (BYTE_FILE, SENTENCEPIECE_FILE, HF_FILE) if (path / n).exists()]
     if not present:
         raise TokenizerError(
             f"directory {path} holds none of {BYTE_FILE}, {SENTENCEPIECE_FILE}, {HF_FILE}; point the "
