@@ -392,7 +392,19 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     Every process calls this with its own slice; no process ever holds the global batch.
     """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    n = batch_shards(mesh)
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        global_rows = v.shape[0] * jax.process_count()
+        if v.ndim == 0 or global_rows % n:
+            raise ShardingError(
+                f"batch[{k!r}] has shape {v.shape} on each of {jax.process_count()} process(es), i.e. "
+                f"{global_rows} global rows, which do not split over mesh data*fsdp = {n}. Use a (global) "
+                f"batch size that is a multiple of {n}."
+            )
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
 
 
 def check_batch_fits_mesh(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
@@ -443,9 +455,17 @@ def maybe_initialize_distributed(
     - or jax's auto-detection finds a multi-process cluster: a multi-host TPU pod slice (v4-32, v5p-…),
       SLURM with several tasks, Open MPI, or a k8s indexed job.
     A single machine (one TPU VM host, one GPU box, a laptop) needs nothing and stays single-process.
+
+    Unset arguments fall back to the environment: JAX_COORDINATOR_ADDRESS (read by jax itself),
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID and JAX_LOCAL_DEVICE_IDS (comma-separated), so a launcher can
+    configure every process with env vars alone.
     """
     if jax.distributed.is_initialized():
         return True
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
     explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
     if not (explicit or os.environ.get("JAX_COORDINATOR_ADDRESS") or _cluster_detected()):
         return False

@@ -167,7 +167,7 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = sums["nll_sum"] / denom
         z = z_loss * sums["z_sum"] / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -188,8 +188,8 @@ def make_train_step(
             "loss": loss,
             "z_loss": z,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(params),
-            "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0),
             "lr": jnp.asarray(lr_fn(new_opt_state), f32),
             "tokens": sums["tokens"],
             "skipped": (~finite).astype(jnp.int32),

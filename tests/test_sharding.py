@@ -254,6 +254,8 @@ def test_shard_batch_splits_rows_over_data_and_fsdp():
     assert x.shape == (8, 3) and x.sharding == NamedSharding(mesh, P(("data", "fsdp")))
     assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(x), local["inputs"])
+    with pytest.raises(sharding.ShardingError, match=r"6 global rows, which do not split over mesh data\*fsdp = 4"):
+        sharding.shard_batch({"inputs": np.zeros((6, 3), np.int32)}, mesh)
 
 
 def test_single_process_needs_no_distributed_init(monkeypatch):
