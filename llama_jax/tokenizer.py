@@ -423,8 +423,9 @@ def train_sentencepiece(
         )
     except RuntimeError as e:
         raise TokenizerError(
-            f"SentencePiece training failed: {e}. If it says the vocab size is too high, lower --vocab_size "
-            "or train on more text."
+            f"SentencePiece training failed: {e}. If the vocab size is too high for the text, lower "
+            "--vocab_size or train on more text; if it is too small, raise it (byte_fallback alone takes 256 "
+            "pieces, plus one per distinct character)."
         ) from e
     tok = SentencePieceTokenizer(model.getvalue(), num_threads=num_threads)
     tok.save(output_dir)

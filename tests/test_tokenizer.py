@@ -169,3 +169,33 @@ def test_check_vocab():
     tk.check_vocab(tk.ByteTokenizer(), 512)  # padded model vocab is fine
     with pytest.raises(tk.TokenizerError, match=r"--config.model.vocab_size=259 \(or 384"):
         tk.check_vocab(tk.ByteTokenizer(), 256)
+
+
+def test_train_tokenizer_command(tmp_path, shakespeare_text):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_text[:20000])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train_tokenizer",
+            f"--output_dir={tmp_path / 'tok'}",
+            "--vocab_size=400",
+            "--model_type=unigram",
+            f"--text_file={corpus}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["vocab_size"] == 400 and summary["bytes_per_token"] > 1.2
+    t = tk.load_tokenizer(str(tmp_path / "tok"))
+    assert t.vocab_size == 400 and t.decode(t.encode(shakespeare_text[:500])) == shakespeare_text[:500]
