@@ -1,0 +1,159 @@
+"""Input-pipeline throughput: tokens/s of read + tokenize + pack + batch, over one full epoch.
+
+    python -m benchmarks.input_pipeline                    # tiny_shakespeare + ~100 MB synthetic text
+    python -m benchmarks.input_pipeline --size_mb=10       # quicker
+
+Cases: tiny_shakespeare's train split (TFDS, built offline from ../shared/data/tinyshakespeare.txt into a
+temporary dir unless --data_dir/--manual_dir say otherwise) and a synthetic corpus of random Zipf-distributed
+pseudo-words written to a temporary .jsonl at run time (never kept), each with the byte tokenizer and a
+SentencePiece BPE tokenizer trained on the training data first (training is not timed). Each case times
+`TrainData` construction (reading and tokenizing every document, building rows) plus `batch_for_step` for
+every step of one epoch, and reports stream tokens / seconds. The last line is JSON; its "tokens_per_sec" is
+the slowest case.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+from llama_jax import data
+from llama_jax.tokenizer import ByteTokenizer, train_sentencepiece
+
+_SIZE_MB = flags.DEFINE_float("size_mb", 100, "Size of the synthetic corpus in MB.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 8000, "SentencePiece vocab size.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir holding tiny_shakespeare (default: a temp dir)."
+)
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", "", "Dir with tiny-shakespeare's input.txt (default: from shared/)."
+)
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def synthetic_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> None:
+    """Random documents of Zipf-distributed pseudo-words with punctuation and line breaks, as .jsonl."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    freq = 1.0 / np.arange(1, 27) ** 0.8
+    lengths = rng.integers(1, 11, size=30_000)
+    words = np.array(["".join(rng.choice(letters, n, p=freq / freq.sum())) for n in lengths])
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    target = int(size_mb * 1e6)
+    written = 0
+    with open(path, "w") as f:
+        while written < target:
+            idx = rng.choice(len(words), size=int(rng.integers(200, 4000)), p=p)
+            tokens = words[idx].astype(object)
+            tokens[rng.random(len(idx)) < 0.08] += ","
+            tokens[rng.random(len(idx)) < 0.05] += ".\n"
+            text = " ".join(tokens)
+            line = json.dumps({"text": text}) + "\n"
+            f.write(line)
+            written += len(text.encode())
+
+
+def run_case(name: str, docs: data.Documents, tokenizer, tokens: int | None = None, **options) -> dict:
+    """Time one epoch; `tokens` (the stream size) must be given for windowed runs, which keep few windows."""
+    t0 = time.perf_counter()
+    train = data.TrainData.from_documents(
+        docs, tokenizer, seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, **options
+    )
+    t1 = time.perf_counter()
+    steps = 0
+    while True:  # one epoch (the last step may reach into the next)
+        train.batch_for_step(steps, 0, 1)
+        steps += 1
+        if train.rows_per_epoch is not None and steps * _BATCH_SIZE.value >= train.rows_per_epoch:
+            break
+    t2 = time.perf_counter()
+    if tokens is None:
+        assert len(train.windows) == 1
+        tokens = len(train._window(0)[0].tokens)
+    result = {
+        "tokens": tokens,
+        "tokenize_pack_s": round(t1 - t0, 3),
+        "batch_s": round(t2 - t1, 3),
+        "steps": steps,
+        "tokens_per_sec": round(tokens / (t2 - t0)),
+    }
+    print(f"{name:40s} {json.dumps(result)}", flush=True)
+    return result
+
+
+def main(argv):
+    del argv
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="input_pipeline_bench_"))
+    results = {}
+    try:
+        manual = _MANUAL_DIR.value
+        if not manual:
+            manual = tmp / "manual"
+            manual.mkdir()
+            shutil.copy(SHARED, manual / "input.txt")
+        shakespeare = data.tfds_documents(
+            "tiny_shakespeare", "train", data_dir=_DATA_DIR.value or str(tmp / "tfds"), manual_dir=str(manual)
+        )
+        t = time.perf_counter()
+        synthetic_path = tmp / "synthetic.jsonl"
+        synthetic_corpus(synthetic_path, _SIZE_MB.value)
+        print(
+            f"generated {_SIZE_MB.value} MB of synthetic text in {time.perf_counter() - t:.1f}s", flush=True
+        )
+        synthetic = data.file_documents(str(synthetic_path))
+
+        sp_shakespeare = train_sentencepiece(shakespeare, tmp / "sp_shakespeare", vocab_size=2048)
+        sample = synthetic.read(0, min(len(synthetic), 200))  # a few MB is plenty to learn the pieces
+        sp_synthetic = train_sentencepiece(sample, tmp / "sp_synthetic", vocab_size=_VOCAB.value)
+        byte = ByteTokenizer()
+
+        results["shakespeare/byte/concat"] = run_case("shakespeare/byte/concat", shakespeare, byte)
+        results["shakespeare/bpe2048/concat"] = run_case(
+            "shakespeare/bpe2048/concat", shakespeare, sp_shakespeare
+        )
+        results["shakespeare/bpe2048/packed"] = run_case(
+            "shakespeare/bpe2048/packed", shakespeare, sp_shakespeare, packing="packed"
+        )
+        results["synthetic/byte/concat"] = run_case("synthetic/byte/concat", synthetic, byte)
+        bpe = f"bpe{_VOCAB.value}"
+        results[f"synthetic/{bpe}/packed"] = run_case(
+            f"synthetic/{bpe}/packed", synthetic, sp_synthetic, packing="packed"
+        )
+        results[f"synthetic/{bpe}/packed/window_docs=1000"] = run_case(
+            f"synthetic/{bpe}/packed/window_docs=1000",
+            synthetic,
+            sp_synthetic,
+            tokens=results[f"synthetic/{bpe}/packed"]["tokens"],
+            packing="packed",
+            window_docs=1000,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        json.dumps(
+            {
+                "tokens_per_sec": min(r["tokens_per_sec"] for r in results.values()),
+                "synthetic_mb": _SIZE_MB.value,
+                "seq_len": _SEQ_LEN.value,
+                "batch_size": _BATCH_SIZE.value,
+                "cpus": os.cpu_count(),
+                "cases": {k: r["tokens_per_sec"] for k, r in results.items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
