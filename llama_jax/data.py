@@ -8,15 +8,16 @@ Sources (section `config.data`, see llama_jax/defaults.py)
     are built as array_record, read with `tfds.data_source` (random access).
   * Local files (`train_files` / `eval_files`, comma-separated globs; when `train_files` is set, TFDS is not
     used): `.jsonl` = one document per line (field `text_key`); any other file = one UTF-8 document per
-    file. Held-out data for local files is whatever `eval_files` names; the same file in both is an error.
+    file; read into memory. Held-out data for local files is whatever `eval_files` names; the same file in
+    both is an error.
 
 Token stream and windows
   Documents are tokenized into one array per *window*: `[BOS] ids [EOS]` per document (`add_bos` /
   `add_eos`), documents in split order. By default (`window_docs=0`) the whole split is one window,
-  tokenized once up front and kept in memory (or, with `cache_dir`, on disk as .npy, memory-mapped on later
-  runs). For datasets too big for that (C4), `window_docs=N` cuts the split into windows of N consecutive
-  documents, each tokenized only when training reaches it (the next one in a background thread; the last
-  few are kept). Eval splits are always one window.
+  tokenized once up front and kept in memory (or, with `cache_dir`, a local dir, as .npy files,
+  memory-mapped on later runs). For datasets too big for that (C4), `window_docs=N` cuts the split into
+  windows of N consecutive documents, each tokenized only when training reaches it (the next one in a
+  background thread; the last few are kept). Eval splits are always one window.
 
 Rows (`packing`), L = seq_len, built per window
   * "concat": row r is stream[r*L : r*L + L + 1] (inputs = [:-1], targets = [1:]). Consecutive rows share one
@@ -25,9 +26,9 @@ Rows (`packing`), L = seq_len, built per window
     (segment_ids all 1, positions 0..L-1).
   * "packed": each document is cut into pieces of at most L+1 tokens (again sharing one token, so every
     document token except its first is a target exactly once) and pieces are packed into rows of L positions
-    next-fit, in split order (computed once per window, not per epoch). segment_ids number the pieces 1, 2, ... within a
-    row and positions restart at 0 for each, so attention stays inside a document; padding has
-    segment_id 0 and loss_mask 0. Nothing is dropped.
+    next-fit, in split order (computed once per window, not per epoch). segment_ids number the pieces
+    1, 2, ... within a row and positions restart at 0 for each, so attention stays inside a document;
+    padding has segment_id 0 and loss_mask 0. Nothing is dropped.
 
 Batches: dict of int32 [batch, seq_len] arrays `inputs`, `targets`, `segment_ids`, `positions` and float32
 `loss_mask` (0 on padding). Eval batches add int32 `target_bytes` (see below).
@@ -42,7 +43,9 @@ Epochs and exact resume
   before it to find its place).
 
 Multi-host: the global batch is split into process_count equal slices; process p reads only rows
-  [p*b, (p+1)*b) of it (b = batch_size / process_count). `make_global_batch` assembles the jax.Array.
+  [p*b, (p+1)*b) of it (b = batch_size / process_count), or the `rows` slice it is given (the rows its
+  devices own in the mesh). `make_global_batch` assembles the jax.Arrays. With windows, every process
+  tokenizes every window (they all need the row counts); it reads only its own rows.
 
 Held-out eval (`EvalData.eval_batches`): the eval split's rows in order, once, no shuffling; the last batch
   is padded with empty rows (loss_mask 0). Scored targets are every target except BOS tokens (a BOS follows
@@ -142,8 +145,8 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str):
         if builder.name == "tiny_shakespeare" and not os.path.exists(os.path.join(manual_dir, "input.txt")):
             raise DataError(
                 f"manual_dir {manual_dir} has no input.txt: copy karpathy's tiny-shakespeare input.txt "
-                f"there (e.g. `cp shared/data/tinyshakespeare.txt {manual_dir}/input.txt`) to build "
-                "tiny_shakespeare offline."
+                f"there to build tiny_shakespeare offline (from the repo root: `cp "
+                f"../shared/data/tinyshakespeare.txt {manual_dir}/input.txt`)."
             )
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
@@ -177,7 +180,8 @@ def _split_ranges(builder, split: str) -> list[tuple[str, int, int]]:
 
 def tfds_documents(
     name: str, split: str, *, text_key: str = "text", data_dir: str = "", manual_dir: str = ""
-):
+) -> Documents:
+    """The `text_key` texts of a TFDS split (built first if needed), read by random access."""
     builder = _tfds_builder(name, data_dir, manual_dir)
     if sum(b - a for _, a, b in _split_ranges(builder, split)) <= 0:
         raise DataError(f"split {split!r} of TFDS dataset {builder.name} is empty; choose another split.")
@@ -413,6 +417,7 @@ def _chunk(starts: np.ndarray, num_targets: np.ndarray, seq_len: int) -> tuple[n
 
 
 def build_rows(stream: TokenStream, seq_len: int, packing: str = "concat") -> Rows:
+    """The rows of a token stream in `packing` mode ("concat" or "packed"; module docstring)."""
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
     if packing == "concat":
@@ -582,13 +587,15 @@ class TrainData:
         per = window_docs if 0 < window_docs < n else n
         self.windows = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
         # docs.name, not docs.key: a moved data_dir or a re-copied file must not block resuming.
-        ident = f"{docs.name}|{tokenizer.fingerprint()}|{add_bos}|{add_eos}|{packing}|{seq_len}|{batch_size}|{seed}|{per}"
+        ident = f"{docs.name}|{tokenizer.fingerprint()}|{add_bos}|{add_eos}|{packing}|{seq_len}"
+        ident += f"|{batch_size}|{seed}|{per}"
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
         self._lock = threading.RLock()
         self._loaded: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
         self._counts: dict[int, int] = {}  # rows per window, once known
         self._prefix0: list[int] = []  # cumulative row counts along epoch 0's window order, as far as known
-        self._perms: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()  # + cumulative sums
+        # Permutations, and cumulative row counts per epoch (key ("cum", e)).
+        self._perms: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
         self._background = concurrent.futures.ThreadPoolExecutor(1) if len(self.windows) > 1 else None
         if len(self.windows) == 1:
             stream, rows = self._window(0)
@@ -662,7 +669,7 @@ class TrainData:
     # -- locating global samples ---------------------------------------------------------------------
 
     def _cumulative(self, epoch: int) -> np.ndarray:
-        """End offsets of the windows' rows along epoch `epoch`'s window order (only a prefix when unknown)."""
+        """End offsets of the windows' rows along `epoch`'s window order (only a prefix when unknown)."""
         if self.rows_per_epoch is None:
             return np.asarray(self._prefix0, np.int64)
         with self._lock:
