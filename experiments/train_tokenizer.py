@@ -52,7 +52,8 @@ def main(argv):
         docs = data.file_documents(d.train_files, text_key=d.text_key, what="data.train_files")
     n = min(len(docs), _MAX_DOCS.value) if _MAX_DOCS.value else len(docs)
     print(
-        f"training a {_MODEL_TYPE.value} tokenizer ({_VOCAB_SIZE.value} pieces) on {n} documents of {docs.name}"
+        f"training a {_MODEL_TYPE.value} tokenizer ({_VOCAB_SIZE.value} pieces) on {n} documents of "
+        f"{docs.name}"
     )
     tok = train_sentencepiece(
         docs.read(0, n),
@@ -66,13 +67,14 @@ def main(argv):
     )
     sample = next(iter(docs.read(0, 1)))[:100_000]
     ratio = len(sample.encode("utf-8")) / max(1, len(tok.encode(sample)))
+    use = f"--config.data.tokenizer={_OUTPUT_DIR.value} --config.model.vocab_size={tok.vocab_size}"
     print(
         json.dumps(
             {
                 "output_dir": _OUTPUT_DIR.value,
                 "vocab_size": tok.vocab_size,
                 "bytes_per_token": round(ratio, 3),
-                "use_with": f"--config.data.tokenizer={_OUTPUT_DIR.value} --config.model.vocab_size={tok.vocab_size}",
+                "use_with": use,
             }
         )
     )

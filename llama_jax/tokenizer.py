@@ -215,7 +215,7 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path) -> HFTokenizer:
-        """Read `path` and, from its directory, special tokens in tokenizer_config.json/special_tokens_map.json."""
+        """Read `path`, and special tokens from tokenizer_config.json / special_tokens_map.json beside it."""
         path = epath.Path(path)
         json_str = path.read_text()
         special: dict[str, str] = {}
@@ -332,8 +332,8 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         padded = -(-need // 128) * 128
         raise TokenizerError(
             f"the tokenizer ({tokenizer!r}) produces ids up to {need - 1}, but the model has only "
-            f"{model_vocab_size} embedding rows. Set --config.model.vocab_size={need} (or {padded}, a multiple "
-            f"of 128 that shards well), or use a tokenizer with at most {model_vocab_size} ids."
+            f"{model_vocab_size} embedding rows. Set --config.model.vocab_size={need} (or {padded}, a "
+            f"multiple of 128 that shards well), or use a tokenizer with at most {model_vocab_size} ids."
         )
 
 
