@@ -11,12 +11,11 @@ Kernels (`model.attention_impl`):
 - "splash": Pallas splash attention (TPU). Off-TPU it runs in Pallas interpret mode, so tests verify the
   exact kernel a TPU user runs.
 - "auto": splash on TPU, dot_product on GPU, xla on CPU.
+Splash needs sequence lengths that are multiples of 128; other lengths take the xla path.
 Decoding with a KV cache always uses "xla": a handful of query tokens gains nothing from a flash kernel.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -71,7 +70,9 @@ def dot_product_attention(q, k, v, segment_ids):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=1.0)
 
 
-@functools.lru_cache(maxsize=32)
+SPLASH_BLOCK_MULTIPLE = 128
+
+
 def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -88,11 +89,12 @@ def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
         block_kv_dq=block,
     )
     mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+    # Built per trace, not cached: the kernel holds mask-info arrays that would leak from one trace to the next.
     return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q, k, v, segment_ids):
-    """Pallas splash attention; the causal mask is static, so fully masked blocks are skipped."""
+def _splash_local(q, k, v, segment_ids):
+    """Splash on one device's block: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, ...]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, h, d = q.shape
@@ -106,6 +108,29 @@ def splash_attention(q, k, v, segment_ids):
         seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
         out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q, k, v, seg)
     return out.transpose(0, 2, 1, 3)  # [batch, q_len, heads, head_dim]
+
+
+def splash_attention(q, k, v, segment_ids):
+    """Pallas splash attention; the causal mask is static, so fully masked blocks are skipped.
+
+    A Mosaic kernel cannot be auto-partitioned, so under a device mesh it runs inside shard_map, each
+    device on its own batch rows and heads, laid out by the same logical rules as the activations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q, k, v, segment_ids)
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", None))
+    seg_spec = nn.logical_to_mesh_axes(("batch", "length"))
+    if q_spec[1] is not None:
+        raise NotImplementedError(
+            "splash attention does not support a sharded sequence ('length') axis; use attention_impl=xla."
+        )
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    return jax.shard_map(
+        _splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )(q, k, v, segment_ids)
 
 
 class Attention(nn.Module):
@@ -149,6 +174,8 @@ class Attention(nn.Module):
             out = xla_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask)
         else:
             impl = resolve_impl(cfg.attention_impl)
+            if impl == "splash" and seq % SPLASH_BLOCK_MULTIPLE:
+                impl = "xla"  # the kernel tiles the sequence in blocks of 128 (e.g. init's 1-token call)
             if impl == "xla":
                 seg = segment_ids if segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
                 slots = jnp.arange(seq)
