@@ -16,7 +16,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    # Our progress at INFO; Orbax/absl chatter only when it matters.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("llama_jax").setLevel(logging.INFO)
     print(summarize(train(_CONFIG.value, _WORKDIR.value)))
 
 

@@ -31,6 +31,9 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     c.keep_checkpoints = 3
     c.keep_period = 0  # also keep every N-th step permanently; 0 disables
     c.init_from = ""  # workdir whose params start a fine-tune (fresh optimizer)
+    c.allow_config_change = False  # resume a workdir even though its config.json differs (diff is shown)
+    c.profile_start = 10  # first step of a jax.profiler trace (written to WORKDIR/profile)
+    c.profile_steps = 0  # number of steps to trace; 0 = no trace
 
     # Device mesh (llama_jax.sharding): sizes of the data / fsdp / tensor axes over all processes'
     # devices; -1 = all remaining devices. Batch is split over data*fsdp.

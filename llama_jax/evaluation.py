@@ -12,15 +12,15 @@ import jax
 import jax.numpy as jnp
 
 
-def evaluate(eval_step, shard_batch, params, eval_data) -> dict[str, float]:
-    """Run `eval_step` over every batch of `eval_data` once, in order.
+def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[str, float]:
+    """Run `eval_step` over `batches` (this process's rows of every eval batch, in order).
 
     eval_step: (params, global batch) -> {"nll_sum", "tokens"}; shard_batch: local batch -> global batch;
-    eval_data: has `batches()` (this process's rows) and `num_bytes` (UTF-8 bytes the targets cover).
+    num_bytes: UTF-8 bytes of the text the scored targets encode.
     """
     nll = jnp.zeros((), jnp.float32)
     tokens = jnp.zeros((), jnp.float32)
-    for batch in eval_data.batches():
+    for batch in batches:
         sums = eval_step(params, shard_batch(batch))
         # Accumulated on device: no host sync per batch.
         nll, tokens = nll + sums["nll_sum"], tokens + sums["tokens"]
@@ -31,7 +31,7 @@ def evaluate(eval_step, shard_batch, params, eval_data) -> dict[str, float]:
     return {
         "eval/loss": loss,
         "eval/perplexity": math.exp(loss),
-        "eval/bits_per_byte": nll / (eval_data.num_bytes * math.log(2)),
+        "eval/bits_per_byte": nll / (num_bytes * math.log(2)),
         "eval/tokens": tokens,
-        "eval/bytes": float(eval_data.num_bytes),
+        "eval/bytes": float(num_bytes),
     }

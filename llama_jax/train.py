@@ -118,24 +118,30 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _save(mngr, state: TrainState, step: int, *, force: bool = False) -> bool:
+def _save(mngr, state: TrainState, step: int, data_state: dict, *, force: bool = False) -> bool:
     rest = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
             "consecutive_skips": state.consecutive_skips}
     return mngr.save(
         step,
-        args=ocp.args.Composite(params=ocp.args.StandardSave(state.params), train_state=ocp.args.StandardSave(rest)),
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train_state=ocp.args.StandardSave(rest),
+            data_state=ocp.args.JsonSave(data_state),
+        ),
         force=force,
     )
 
 
-def _restore(mngr, abstract: TrainState, step: int) -> TrainState:
+def _restore(mngr, abstract: TrainState, step: int) -> tuple[TrainState, dict]:
     rest = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng,
             "consecutive_skips": abstract.consecutive_skips}
     try:
         out = mngr.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract.params), train_state=ocp.args.StandardRestore(rest)
+                params=ocp.args.StandardRestore(abstract.params),
+                train_state=ocp.args.StandardRestore(rest),
+                data_state=ocp.args.JsonRestore(),
             ),
         )
     except Exception as e:
@@ -145,8 +151,9 @@ def _restore(mngr, abstract: TrainState, step: int) -> TrainState:
             f"move {mngr.directory}/{step} aside to resume from the one before."
         ) from e
     ts = out["train_state"]
-    return TrainState(params=out["params"], opt_state=ts["opt_state"], step=ts["step"], rng=ts["rng"],
-                      consecutive_skips=ts["consecutive_skips"])
+    state = TrainState(params=out["params"], opt_state=ts["opt_state"], step=ts["step"], rng=ts["rng"],
+                       consecutive_skips=ts["consecutive_skips"])
+    return state, out["data_state"]
 
 
 def train(config, workdir: str) -> dict[str, Any]:
@@ -177,13 +184,13 @@ def train(config, workdir: str) -> dict[str, Any]:
         workdir,
         max_to_keep=config.keep_checkpoints or None,
         keep_period=config.keep_period or None,
-        save_interval_steps=config.checkpoint_every or config.num_steps,
         enable_async_checkpointing=True,
     )
 
     if resume_step is not None:
         log.info("resuming from the checkpoint at step %d in %s", resume_step, workdir)
-        state = _restore(mngr, trainer.abstract_state, resume_step)
+        state, data_state = _restore(mngr, trainer.abstract_state, resume_step)
+        train_data.restore(data_state)  # checks the data config is the one the run was started with
         if main:
             _truncate_metrics(workdir, resume_step)
     else:
@@ -202,6 +209,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     peak, peak_source = peak_flops()
     log.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
     progress = _progress_bar(main, start, config.num_steps)
+    # The rows of the global batch this process's devices hold; the loader reads only those.
+    batches = train_data.iterator(start, rows=trainer.process_batch_slice(config.batch_size))
+    eval_rows = None if eval_data is None else trainer.process_batch_slice(eval_data.batch_size)
 
     last: dict[str, Any] = {}
     timer_start, timer_steps, paused = time.perf_counter(), 0, 0.0
@@ -212,7 +222,7 @@ def train(config, workdir: str) -> dict[str, Any]:
             if config.profile_steps and step == config.profile_start and main:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 profiling = True
-            batch = trainer.shard_batch(train_data.batch(step))
+            batch = trainer.shard_batch(next(batches))
             state, metrics = trainer.train_step(state, batch)
             guard(metrics)
             done = step + 1
@@ -238,27 +248,32 @@ def train(config, workdir: str) -> dict[str, Any]:
 
             if eval_data is not None and (done % config.eval_every == 0 or done == config.num_steps):
                 t = time.perf_counter()
-                result = evaluation.evaluate(trainer.eval_step, trainer.shard_batch, state.params, eval_data)
+                result = evaluation.evaluate(
+                    trainer.eval_step, trainer.shard_batch, state.params,
+                    eval_data.batches(rows=eval_rows), eval_data.num_bytes,
+                )
                 writer.write(done, result)
                 last.update(result)
                 log.info("step %d: eval loss %.4f, bits/byte %.4f", done, result["eval/loss"],
                          result["eval/bits_per_byte"])
                 paused += time.perf_counter() - t
 
-            t = time.perf_counter()
-            _save(mngr, state, done, force=done == config.num_steps)
-            paused += time.perf_counter() - t
+            if done % (config.checkpoint_every or config.num_steps) == 0 or done == config.num_steps:
+                t = time.perf_counter()
+                _save(mngr, state, done, train_data.state(done), force=True)
+                paused += time.perf_counter() - t
             if progress is not None:
                 progress.update(1)
             if done < config.num_steps and preemption.reached(mngr, done):
                 mngr.wait_until_finished()
                 if mngr.latest_step() != done:
-                    _save(mngr, state, done, force=True)
+                    _save(mngr, state, done, train_data.state(done), force=True)
                     mngr.wait_until_finished()
                 log.warning("preempted: saved step %d to %s; re-run the same command to resume.", done, workdir)
                 break
         guard.flush()
     finally:
+        batches.close()
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
