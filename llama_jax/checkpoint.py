@@ -35,7 +35,7 @@ def write_config(workdir, config: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    tmp.rename(path / CONFIG_FILE)
+    tmp.replace(path / CONFIG_FILE)
 
 
 def read_config(workdir) -> dict[str, Any]:

@@ -40,8 +40,8 @@ PEAK_FLOPS = (
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     """f32 matmul FLOP/s of this host's CPU, best of `repeats` (one XLA matmul uses every core)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x, device=jax.local_devices(backend="cpu")[0])
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices(backend="cpu")[0])
+    f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
