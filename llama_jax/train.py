@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ from etils import epath
 
 from llama_jax import checkpoint, data, evaluation, sharding
 from llama_jax.logging_utils import MetricWriter, peak_flops
-from llama_jax.tokenizer import check_vocab, load_tokenizer
+from llama_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_sentencepiece
 from llama_jax.train_step import SkipGuard, Trainer, TrainState
 
 log = logging.getLogger("llama_jax.train")
@@ -94,6 +95,27 @@ class Preemption:
             # All hosts must agree on the step to stop at; jax.distributed's preemption service does that.
             return bool(mngr.reached_preemption(step))
         return self.requested
+
+
+TRAINED_TOKENIZER = re.compile(r"^train:(bpe|unigram):(\d+)$")
+
+
+def training_tokenizer(config, workdir: str) -> Tokenizer:
+    """The run's tokenizer. `config.data.tokenizer = "train:bpe:2048"` (or unigram) trains a SentencePiece
+    model on the *training* split the first time and keeps it in WORKDIR/tokenizer, where resuming,
+    evaluation and sampling find it; anything else is a `load_tokenizer` spec."""
+    spec = config.data.tokenizer
+    m = TRAINED_TOKENIZER.match(spec)
+    if not m:
+        return load_tokenizer(spec)
+    tok_dir = checkpoint.tokenizer_dir(workdir)
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
+        return load_tokenizer(tok_dir)
+    docs = data.documents_for_role(config.data, "train")
+    log.info("training a %s tokenizer with %s pieces on %s", m.group(1), m.group(2), docs.name)
+    if not sharding.is_main_process():
+        raise RuntimeError("train the tokenizer once on one host (experiments.train_tokenizer) for a pod run.")
+    return train_sentencepiece(docs.read(0, len(docs)), tok_dir, vocab_size=int(m.group(2)), model_type=m.group(1))
 
 
 def _incomplete_checkpoints(workdir) -> list[str]:
@@ -171,7 +193,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     resume_step = checkpoint.latest_step(workdir)
     if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and resume_step is not None:
         _check_resume_config(workdir, cfg_dict)
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = training_tokenizer(config, workdir)
     check_vocab(tokenizer, config.model.vocab_size)
     trainer = Trainer.from_config(config)
     train_data = data.TrainData(config, tokenizer)
