@@ -44,7 +44,7 @@ Epochs and exact resume
 
 Multi-host: the global batch is split into process_count equal slices; process p reads only rows
   [p*b, (p+1)*b) of it (b = batch_size / process_count), or the `rows` slice it is given (the rows its
-  devices own in the mesh). `make_global_batch` assembles the jax.Arrays. With windows, every process
+  devices own in the mesh). `llama_jax.sharding.shard_batch` assembles the jax.Arrays. With windows, every process
   tokenizes every window (they all need the row counts); it reads only its own rows.
 
 Held-out eval (`EvalData.eval_batches`): the eval split's rows in order, once, no shuffling; the last batch
@@ -925,15 +925,3 @@ class EvalData:
             yield self.batch(i, process_index, process_count, rows=rows)
 
     batches = eval_batches  # the name llama_jax.evaluation uses
-
-
-def make_global_batch(local_batch: dict, mesh, sharding=None) -> dict:
-    """Assemble each process's slice into global jax.Arrays, the batch dimension sharded over the mesh's
-    "data" and "fsdp" axes (those present) unless `sharding` says otherwise."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    if sharding is None:
-        axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-        sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

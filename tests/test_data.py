@@ -242,13 +242,15 @@ def test_two_hosts_eval():
             assert np.array_equal(np.concatenate([two[0][i][k], two[1][i][k]]), whole[k])
 
 
-def test_make_global_batch_on_emulated_devices():
+def test_batches_become_global_arrays_on_emulated_devices():
     import jax
+
+    from llama_jax import sharding
 
     train = int_train([60], seq_len=4, batch_size=8)
     local = train.batch_for_step(1)
-    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
-    g = data.make_global_batch(local, mesh)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    g = sharding.shard_batch(local, mesh)
     assert g["inputs"].shape == (8, 4) and len(g["inputs"].sharding.device_set) == len(jax.devices())
     assert np.array_equal(np.asarray(g["targets"]), local["targets"])
 
