@@ -33,3 +33,57 @@ def tfds_manual_dir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
 def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
     """One TFDS data dir for the whole session, so tiny_shakespeare is built once."""
     return tmp_path_factory.mktemp("tfds_data")
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
+    """A workdir trained in-process for 20 steps of configs/tiny.py (byte tokenizer, seq_len 64; ~15 s), on
+    local files so no TFDS build is needed: data.train_files = all of tiny-shakespeare but its last 20,000
+    characters, data.eval_files = those (`<dir>/data/{train,eval}.txt`). Read-only: copy it to modify it."""
+    import importlib.util
+
+    from llama_jax.train import train
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    text = shakespeare_path.read_text(encoding="utf-8")
+    (root / "data").mkdir()
+    (root / "data" / "train.txt").write_text(text[:-20000], encoding="utf-8")
+    (root / "data" / "eval.txt").write_text(text[-20000:], encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.train_files = str(root / "data" / "train.txt")
+    config.data.eval_files = str(root / "data" / "eval.txt")
+    config.num_steps, config.eval_every, config.checkpoint_every = 20, 0, 0
+    config.optimizer.lr, config.optimizer.warmup_steps = 1e-2, 2  # learns more than unigram stats in 20 steps
+    train(config, root / "workdir")
+    return root / "workdir"
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
+    """A workdir imported with llama_jax.hf.import_to_workdir from an HF checkpoint written by save_hf_llama:
+    the "tiny" preset with random weights scaled x8 (peaked, context-dependent predictions) and a byte-level
+    BPE tokenizer.json (300 ids; <s>=0 is BOS, </s>=1 is EOS) trained on tiny-shakespeare. Read-only."""
+    import jax
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llama_jax import hf
+    from llama_jax.config import preset
+    from llama_jax.model import init_params
+
+    root = tmp_path_factory.mktemp("hf_tiny")
+    cfg = preset("tiny")
+    params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, init_params(cfg, jax.random.key(0)))
+    hf.save_hf_llama(cfg, params, root / "hf", extra_config={"bos_token_id": 0, "eos_token_id": 1})
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([shakespeare_path.read_text(encoding="utf-8")[:50000]], trainer)
+    tok.save(str(root / "hf" / "tokenizer.json"))
+    hf.import_to_workdir(root / "hf", root / "workdir")
+    return root / "workdir"
