@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
 
 from absl import app, flags
 
 from llama_jax import checkpoint, sampling, workdir
 from llama_jax.config import ConfigError
-from llama_jax.tokenizer import Tokenizer, TokenizerError
+from llama_jax.tokenizer import TokenizerError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir (from training or convert_hf).", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (may be empty: then only BOS is the prompt).")
@@ -38,59 +37,6 @@ _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Mesh fsdp axis size (params s
 _MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Mesh tensor axis size (tensor parallelism; -1: all).")
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids with BOS first when the tokenizer has one."""
-    ids = tokenizer.encode(prompt)
-    if tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id, *ids]
-    if not ids:
-        raise ValueError("the prompt is empty and the tokenizer has no BOS token: give a --prompt.")
-    return ids
-
-
-def stop_ids(tokenizer: Tokenizer, experiment: dict) -> list[int]:
-    """EOS ids: the tokenizer's, then an imported model's config `eos_token_id` (an int or a list)."""
-    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    extra = experiment.get("source", {}).get("eos_token_id")
-    for i in extra if isinstance(extra, list) else [extra]:
-        if isinstance(i, int) and i not in ids:
-            ids.append(i)
-    return ids
-
-
-def truncate_at(ids: Iterable[int], stops: list[int]) -> list[int]:
-    """`ids` up to (without) the first stop id."""
-    out = []
-    for i in ids:
-        if i in stops:
-            break
-        out.append(i)
-    return out
-
-
-def continuation_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text `new_ids` add after the prompt; decoded together with the prompt so that tokenizers that
-    drop a leading space (SentencePiece) or merge bytes across the boundary come out right."""
-    before = tokenizer.decode(prompt_ids)
-    both = tokenizer.decode(prompt_ids + new_ids)
-    return both[len(before):] if both.startswith(before) else tokenizer.decode(new_ids)
-
-
-def sample(
-    params, model_config, tokenizer: Tokenizer, experiment: dict, prompt: str, *, max_new_tokens: int,
-    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-) -> tuple[str, list[int]]:
-    """(continuation text, its token ids without the stop token) of `prompt`."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    stops = stop_ids(tokenizer, experiment)
-    new = sampling.generate(
-        params, model_config, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_id=stops[0] if stops else None, seed=seed,
-    )[0]
-    new = truncate_at(new, stops)
-    return continuation_text(tokenizer, prompt_ids, new), new
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag (quote the prompt).")
@@ -98,7 +44,7 @@ def main(argv):
     try:
         mesh = workdir.inference_mesh(_MESH_DATA.value, _MESH_FSDP.value, _MESH_TENSOR.value)
         model_config, params, tokenizer, experiment = workdir.load_workdir(_WORKDIR.value, mesh, step=_STEP.value)
-        text, _ = sample(
+        text, _ = sampling.sample_text(
             params, model_config, tokenizer, experiment, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
             temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
         )

@@ -31,7 +31,6 @@ import math
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -47,13 +46,12 @@ def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[st
     eval_step: (params, global batch) -> {"nll_sum", "tokens"}; shard_batch: local batch -> global batch;
     num_bytes: UTF-8 bytes of the text the scored targets encode.
     """
-    nll = jnp.zeros((), jnp.float32)
-    tokens = jnp.zeros((), jnp.float32)
-    for batch in batches:
-        sums = eval_step(params, shard_batch(batch))
-        # Accumulated on device: no host sync per batch.
-        nll, tokens = nll + sums["nll_sum"], tokens + sums["tokens"]
-    nll, tokens = float(jax.device_get(nll)), float(jax.device_get(tokens))
+    # Per-batch sums stay on device until the end (no host sync per batch), then add up in float64 on the
+    # host: an f32 running sum would lose token counts past 2**24 and bits of the loss on big splits.
+    per_batch = [eval_step(params, shard_batch(batch)) for batch in batches]
+    per_batch = jax.device_get(per_batch)
+    nll = float(np.sum([s["nll_sum"] for s in per_batch], dtype=np.float64))
+    tokens = float(np.sum([s["tokens"] for s in per_batch], dtype=np.float64))
     if tokens == 0:
         raise ValueError("the evaluation split has no target tokens; check config.data.eval_split.")
     loss = nll / tokens

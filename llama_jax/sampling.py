@@ -11,7 +11,7 @@ Decoding modes: greedy (`temperature=0`), temperature, top-k and top-p (nucleus)
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import KVCache, Llama
+from llama_jax.tokenizer import Tokenizer
 
 # Prompt arrays are padded up to a multiple of this, so nearby prompt lengths share one compiled program.
 PROMPT_BUCKET = 64
@@ -124,3 +125,57 @@ def generate(
     )
     out, n = np.asarray(out), np.asarray(n)
     return [list(map(int, out[row, : n[row]])) for row in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------- text in, text out
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids with BOS first when the tokenizer has one."""
+    ids = tokenizer.encode(prompt)
+    if tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id, *ids]
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no BOS token: give a --prompt.")
+    return ids
+
+
+def stop_ids(tokenizer: Tokenizer, experiment: dict) -> list[int]:
+    """EOS ids: the tokenizer's, then an imported model's config `eos_token_id` (an int or a list)."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    extra = experiment.get("source", {}).get("eos_token_id")
+    for i in extra if isinstance(extra, list) else [extra]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def truncate_at(ids: Iterable[int], stops: list[int]) -> list[int]:
+    """`ids` up to (without) the first stop id."""
+    out = []
+    for i in ids:
+        if i in stops:
+            break
+        out.append(i)
+    return out
+
+
+def continuation_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after the prompt; decoded together with the prompt so that tokenizers that
+    drop a leading space (SentencePiece) or merge bytes across the boundary come out right."""
+    before = tokenizer.decode(prompt_ids)
+    both = tokenizer.decode(prompt_ids + new_ids)
+    return both[len(before):] if both.startswith(before) else tokenizer.decode(new_ids)
+
+
+def sample_text(
+    params, model_config, tokenizer: Tokenizer, experiment: dict, prompt: str, *, max_new_tokens: int,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+) -> tuple[str, list[int]]:
+    """(continuation text, its token ids without the stop token) of `prompt`."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    stops = stop_ids(tokenizer, experiment)
+    new = generate(
+        params, model_config, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=stops[0] if stops else None, seed=seed,
+    )[0]
+    new = truncate_at(new, stops)
+    return continuation_text(tokenizer, prompt_ids, new), new
