@@ -83,7 +83,8 @@ class Preemption:
     requested: bool = False
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
+        # Multi-process: jax.distributed's preemption service owns SIGTERM; a Python handler would replace it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
