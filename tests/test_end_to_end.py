@@ -23,7 +23,7 @@ def _run(args, timeout=600):
 def test_main_job_trains_evaluates_and_samples(tmp_path, tfds_manual_dir, tfds_data_dir):
     out = _run(["experiments.main_job", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
                 f"--config.data.manual_dir={tfds_manual_dir}", f"--config.data.data_dir={tfds_data_dir}",
-                "--config.data.tokenizer=train:bpe:320", "--config.num_steps=6", "--config.eval_every=3",
+                "--config.data.tokenizer=train:bpe:384", "--config.num_steps=6", "--config.eval_every=3",
                 "--prompt=ROMEO:", "--max_new_tokens=20"])
     result = json.loads(out.strip().splitlines()[-1])
     assert result["train_steps"] == 6
