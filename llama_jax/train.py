@@ -16,6 +16,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -313,7 +314,9 @@ def _progress_bar(main: bool, start: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    # In a log file (a pod's nohup, CI) a bar line every second would drown everything else.
+    interval = 1.0 if sys.stderr.isatty() else 60.0
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=interval)
 
 
 def summarize(metrics: dict[str, Any]) -> str:
