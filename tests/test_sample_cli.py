@@ -49,7 +49,7 @@ def test_greedy_on_trained_workdir_matches_generate(trained_tiny_workdir):
 
 
 def test_sampling_on_hf_workdir_with_tensor_parallel_params(hf_tiny_workdir):
-    prompt = "First Citizen: Before we proceed"
+    prompt = "SPEAKER ONE: a prompt of words"
     args = dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)
     r = run_sample(
         f"--workdir={hf_tiny_workdir}", f"--prompt={prompt}", "--max_new_tokens=16", "--temperature=0.9",

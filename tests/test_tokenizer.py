@@ -7,7 +7,7 @@ import pytest
 from llama_jax import tokenizer as tk
 
 SAMPLES = [
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
+    "SPEAKER ONE:\nA line of verse, then a blank line.\n\n",
     "  leading spaces, trailing too  ",
     "héllo ☃ 日本語 — ünïcödé 🙂",
     "a literal <s> and </s> and <|endoftext|> stay text",
