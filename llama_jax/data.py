@@ -47,7 +47,7 @@ Multi-host: the global batch is split into process_count equal slices; process p
   devices own in the mesh). `llama_jax.sharding.shard_batch` assembles the jax.Arrays. With windows, every process
   tokenizes every window (they all need the row counts); it reads only its own rows.
 
-Held-out eval (`EvalData.eval_batches`): the eval split's rows in order, once, no shuffling; the last batch
+Held-out eval (`EvalData.batches`): the eval split's rows in order, once, no shuffling; the last batch
   is padded with empty rows (loss_mask 0). Scored targets are every target except BOS tokens (a BOS follows
   an EOS by construction, so it carries no information). Bytes for bits-per-byte: each document's UTF-8 byte
   count is put on its last token (its EOS with add_eos) and `target_bytes` is that weight at scored targets,
@@ -750,8 +750,6 @@ class TrainData:
                 out[key][m] = v
         return out
 
-    batch = batch_for_step  # the name llama_jax.train uses
-
     # -- iteration and state -------------------------------------------------------------------------
 
     def state(self, step: int) -> dict:
@@ -916,12 +914,10 @@ class EvalData:
         row_ids[row_ids >= self.rows.num_rows] = -1
         return _gather(self.stream.tokens, self.rows, row_ids, self.pad_id, self.scored, self.weights)
 
-    def eval_batches(
+    def batches(
         self, process_index=None, process_count=None, *, rows: slice | None = None
     ) -> Iterator[dict]:
         """Every row once, in order. Summed over all batches (and processes), loss_mask gives `num_tokens`
         and target_bytes gives `num_bytes`."""
         for i in range(self.num_batches):
             yield self.batch(i, process_index, process_count, rows=rows)
-
-    batches = eval_batches  # the name llama_jax.evaluation uses

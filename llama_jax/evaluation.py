@@ -166,12 +166,10 @@ class WindowedEval:
             "target_bytes": np.where(mask, self.weights[src + 1], 0).astype(np.int32),
         }
 
-    def eval_batches(self, process_index=None, process_count=None, *, rows: slice | None = None) -> Iterator[dict]:
+    def batches(self, process_index=None, process_count=None, *, rows: slice | None = None) -> Iterator[dict]:
         """Every window once, in order."""
         for i in range(self.num_batches):
             yield self.batch(i, process_index, process_count, rows=rows)
-
-    batches = eval_batches
 
 
 def eval_windows(

@@ -234,8 +234,8 @@ def test_two_hosts_read_disjoint_rows_that_make_the_global_batch(window_docs):
 
 def test_two_hosts_eval():
     ev = data.EvalData.from_documents(int_docs([50, 20, 33]), IntTokenizer(), seq_len=8, batch_size=4)
-    one = list(ev.eval_batches(0, 1))
-    two = [list(ev.eval_batches(p, 2)) for p in range(2)]
+    one = list(ev.batches(0, 1))
+    two = [list(ev.batches(p, 2)) for p in range(2)]
     assert len(two[0]) == len(two[1]) == len(one)  # every host runs the same number of eval steps
     for i, whole in enumerate(one):
         for k in whole:
@@ -264,7 +264,7 @@ def test_eval_covers_the_validation_split_once_with_exact_bytes(tfds_cfg, shakes
     ev = data.EvalData(c)
     assert ev.num_bytes == VALIDATION_BYTES
     assert ev.num_tokens == VALIDATION_BYTES + 1  # every byte and the EOS; BOS is never scored
-    batches = list(ev.eval_batches(0, 1))
+    batches = list(ev.batches(0, 1))
     num_rows = -(-(VALIDATION_BYTES + 1) // 128)  # BOS text EOS: 55,771 targets in rows of 128
     assert len(batches) == ev.num_batches == -(-num_rows // 16)
     mask = np.concatenate([b["loss_mask"] for b in batches]) > 0
@@ -294,7 +294,7 @@ def test_eval_bytes_with_a_bpe_tokenizer(tfds_cfg, sp_tokenizer, packing):
     c.data.packing, c.model.vocab_size = packing, 640
     ev = data.EvalData(c, sp_tokenizer)
     assert ev.num_bytes == VALIDATION_BYTES
-    batches = list(ev.eval_batches())
+    batches = list(ev.batches())
     assert sum(int(b["target_bytes"].sum()) for b in batches) == VALIDATION_BYTES
     targets = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches])
     assert ev.num_tokens == len(targets) < 0.7 * VALIDATION_BYTES  # subwords, not bytes
@@ -312,9 +312,9 @@ def test_bytes_are_exact_for_multibyte_text_and_many_documents(tmp_path):
         assert ev.num_bytes == sum(len(d.encode()) for d in docs)
         # Scored: every byte and every EOS; never a BOS (it follows an EOS by construction).
         assert ev.num_tokens == ev.num_bytes + len(docs)
-        scored = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in ev.eval_batches(0, 1)])
+        scored = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in ev.batches(0, 1)])
         assert 256 not in scored and np.sum(scored == 257) == len(docs)
-        assert sum(int(b["target_bytes"].sum()) for b in ev.eval_batches(0, 1)) == ev.num_bytes
+        assert sum(int(b["target_bytes"].sum()) for b in ev.batches(0, 1)) == ev.num_bytes
 
 
 # ---------------------------------------------------------------------------------------------- sources
