@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llama_jax.config import ModelConfig
+from llama_jax.model import stack_layers, unstack_layers
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -95,15 +96,53 @@ def restore_params(workdir, abstract_params, step: int | None = None):
     with manager(workdir) as mngr:
         stored = mngr.item_metadata(step)
         stored = stored["params"] if stored is not None and "params" in stored else None
+        target = abstract_params
+        if stored is not None and ("layers" in stored) != ("layers" in abstract_params):
+            # Saved with the other scan_layers layout (e.g. an HF import fine-tuned with scanned layers):
+            # restore in the stored layout, each shard where it will end up, then restack on device.
+            target = _relayout_abstract(abstract_params, scanned="layers" in stored)
         if stored is not None:
-            check_shapes(abstract_params, stored, where=f"{workdir} step {step}")
+            check_shapes(target, stored, where=f"{workdir} step {step}")
         try:
-            restored = mngr.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-            )
+            restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:
             raise CheckpointError(f"could not read params of {workdir} at step {step}: {e}") from e
-    return restored["params"]
+    params = restored["params"]
+    if target is not abstract_params:
+        relayout = stack_layers if "layers" in abstract_params else unstack_layers
+        shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract_params)
+        params = jax.jit(relayout, out_shardings=shardings)(params)
+    return params
+
+
+def _relayout_abstract(abstract, *, scanned: bool):
+    """`abstract` in the other layer layout; a stacked leaf's shards are its per-layer shards, unsplit on
+    the leading layer axis."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    shapes = jax.eval_shape(stack_layers if scanned else unstack_layers, plain)
+
+    def source(path):
+        keys = [k.key for k in path]
+        if scanned and keys[0] == "layers":  # stacked leaf <- layer 0's leaf
+            keys[0] = "layers_0"
+        elif not scanned and keys[0].startswith("layers_"):  # one layer's leaf <- the stacked leaf
+            keys[0] = "layers"
+        node = abstract
+        for k in keys:
+            node = node[k]
+        return keys[0], getattr(node, "sharding", None)
+
+    def with_sharding(path, shape):
+        first, sh = source(path)
+        if isinstance(sh, NamedSharding) and first in ("layers", "layers_0") and first != path[0].key:
+            spec = P(None, *sh.spec) if scanned else P(*sh.spec[1:])
+            sh = NamedSharding(sh.mesh, spec)
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(with_sharding, shapes)
 
 
 def check_shapes(expected, stored, *, where: str) -> None:
