@@ -86,13 +86,7 @@ def read_bandwidth(mbytes: int = 512, repeats: int = 10) -> float:
     n = mbytes * 2**20 // 4
     x = jnp.ones((n,), jnp.float32)
     f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    del x
+    best = min(timeit(lambda: f(x).block_until_ready(), repeats, warmup=1))
     return n * 4 / best
 
 

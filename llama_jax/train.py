@@ -11,6 +11,7 @@ notice) the loop finishes its step, saves, waits for the save, and returns norma
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -132,8 +133,6 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
-    import json
-
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
     tmp = path + ".tmp"
