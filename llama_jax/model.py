@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from llama_jax.block import block_class
 from llama_jax.config import ModelConfig
+from llama_jax.linear import matmul
 from llama_jax.norm import Norm
 
 
@@ -52,9 +53,7 @@ class LMHead(nn.Module):
             "kernel", nn.initializers.normal(cfg.initializer_range), (cfg.dim, cfg.vocab_size), cfg.storage_dtype
         )
         # Accumulate and return in f32 whatever the compute dtype: the loss needs full-precision logits.
-        return jnp.einsum(
-            "bsd,dv->bsv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32
-        )  # [batch, seq, vocab]
+        return matmul(x, kernel.astype(x.dtype), out_dtype=jnp.float32)  # [batch, seq, vocab]
 
 
 class Llama(nn.Module):
@@ -113,9 +112,7 @@ class Llama(nn.Module):
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum(
-                "bsd,vd->bsv", x, embed.embedding.astype(x.dtype), preferred_element_type=jnp.float32
-            )  # [batch, seq, vocab]
+            logits = matmul(x, embed.embedding.astype(x.dtype).T, out_dtype=jnp.float32)  # [batch, seq, vocab]
         else:
             logits = LMHead(cfg, name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
