@@ -50,17 +50,49 @@ def make_mask(q_slots, k_slots, q_segment_ids, k_segment_ids):
     return causal[None] & same_segment
 
 
-def xla_attention(q, k, v, mask):
-    """q: [batch, q_len, heads, head_dim] (pre-scaled); k, v: [batch, kv_len, kv_heads, head_dim]."""
+def _to_rows(q, kv_heads: int):
+    """[batch, q_len, heads, head_dim] -> [batch, kv_heads, q_len * q_per_kv, head_dim].
+
+    Rows are (position, group)-major: every dot below is a plain batched matmul against heads-major
+    keys, and a run of positions is a contiguous run of rows.
+    """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)  # [batch, q_len, kv_heads, q_per_kv, head_dim]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    # scores: [batch, kv_heads, q_per_kv, q_len, kv_len]
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [batch, q_len, kv_heads, q_per_kv, head_dim]
-    return out.reshape(b, t, h, d)  # [batch, q_len, heads, head_dim]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [batch, q_len, kv_heads, q_per_kv, head_dim]
+    return q.transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d)  # [batch, kv_heads, rows, head_dim]
+
+
+def _from_rows(out, q_len: int):
+    """Inverse of `_to_rows`: [batch, kv_heads, rows, head_dim] -> [batch, q_len, heads, head_dim]."""
+    b, kv, _, d = out.shape
+    out = out.reshape(b, kv, q_len, -1, d)  # [batch, kv_heads, q_len, q_per_kv, head_dim]
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, q_len, -1, d)
+
+
+def _attend(q, k, v, mask):
+    """q: [batch, kv_heads, rows, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim]; mask [batch, rows, kv_len]."""
+    scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32)
+    # scores: [batch, kv_heads, rows, kv_len]
+    probs = _masked_softmax(scores, mask).astype(v.dtype)
+    return jnp.einsum("bkrs,bksd->bkrd", probs, v)  # [batch, kv_heads, rows, head_dim]
+
+
+def _masked_softmax(scores, mask):
+    """scores: [batch, kv_heads, rows, keys] f32; mask: [batch, rows, keys]."""
+    return jax.nn.softmax(jnp.where(mask[:, None], scores, MASK_VALUE), axis=-1)
+
+
+def grouped_attention(q, k, v, mask):
+    """q: [batch, q_len, heads, head_dim] (pre-scaled); k, v heads-major: [batch, kv_heads, kv_len, head_dim];
+    mask: [batch, q_len, kv_len]. Returns [batch, q_len, heads, head_dim]."""
+    kv = k.shape[1]
+    g = q.shape[2] // kv
+    return _from_rows(_attend(_to_rows(q, kv), k, v, jnp.repeat(mask, g, axis=1)), q.shape[1])
+
+
+def xla_attention(q, k, v, mask):
+    """The dense masked reference every kernel is tested against; k, v as projected:
+    [batch, kv_len, kv_heads, head_dim]."""
+    return grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
 
 # Query rows per block of `causal_attention`: with 256 tokens, 2 blocks skip a quarter of the scores.
@@ -71,34 +103,57 @@ def causal_attention(q, k, v, segment_ids, block: int = CAUSAL_BLOCK):
     """Causal attention over one whole sequence (no cache), skipping the key blocks a query block cannot see.
 
     Query block [r0, r1) only scores keys [0, r1): the fully masked upper-right blocks are never computed,
-    nor their softmax, nor their gradients. Heads are laid out [batch, kv_heads, q_len * q_per_kv, ...],
-    (position, group)-major, so that every dot is a plain batched matmul and a block of positions is a
-    contiguous run of rows. Equal to `xla_attention` with `make_mask` (tests/test_model.py), and
-    1.9x faster forward+backward than it on XLA:CPU at 256 tokens (benchmarks/README.md).
+    nor their softmax, nor their gradients. Equal to `xla_attention` with `make_mask`
+    (tests/test_model.py), and 1.9x faster forward+backward than it on XLA:CPU at 256 tokens.
 
     q: [batch, seq, heads, head_dim] (pre-scaled); k, v: [batch, seq, kv_heads, head_dim];
     segment_ids: [batch, seq].
     """
-    b, t, h, d = q.shape
+    t = q.shape[1]
     kv = k.shape[2]
-    g = h // kv
-    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [batch, kv_heads, rows, head_dim]
+    g = q.shape[2] // kv
+    q = _to_rows(q, kv)  # [batch, kv_heads, seq * q_per_kv, head_dim]
     k = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
     v = v.transpose(0, 2, 1, 3)
     outs = []
     for r0 in range(0, t, block):
         r1 = min(r0 + block, t)
-        scores = jnp.einsum(
-            "bkrd,bksd->bkrs", q[:, :, r0 * g : r1 * g], k[:, :, :r1], preferred_element_type=jnp.float32
-        )  # [batch, kv_heads, (r1 - r0) * q_per_kv, r1]
         rows = jnp.repeat(jnp.arange(r0, r1), g)  # the position of each query row
         seg_rows = jnp.repeat(segment_ids[:, r0:r1], g, axis=1)  # [batch, rows]
         mask = make_mask(rows, jnp.arange(r1), seg_rows, segment_ids[:, :r1])  # [batch, rows, r1]
-        scores = jnp.where(mask[:, None], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkrs,bksd->bkrd", probs, v[:, :, :r1]))  # [batch, kv_heads, rows, head_dim]
-    out = jnp.concatenate(outs, axis=2)  # [batch, kv_heads, seq * q_per_kv, head_dim]
-    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)  # [batch, seq, heads, head_dim]
+        outs.append(_attend(q[:, :, r0 * g : r1 * g], k[:, :, :r1], v[:, :, :r1], mask))
+    return _from_rows(jnp.concatenate(outs, axis=2), t)  # [batch, seq, heads, head_dim]
+
+
+def cached_attention(q, k, v, k_buf, v_buf, q_slots, segment_ids, k_segment_ids, index):
+    """This call's queries over the cache's filled slots (< index) and over this call's own keys.
+
+    The buffers are read as they were before this call's write, and the new keys separately, so no op
+    reads the buffer that the update writes and XLA updates it in place. Attending to the updated
+    buffer instead made XLA:CPU copy every layer's cache 4 times per token at batch 1.
+
+    q: [batch, seq, heads, head_dim] (pre-scaled); k, v: [batch, kv_heads, seq, head_dim];
+    k_buf, v_buf: [batch, kv_heads, max_len, head_dim]; q_slots: [seq]; segment_ids: [batch, seq];
+    k_segment_ids: [batch, max_len].
+    """
+    kv, max_len = k_buf.shape[1], k_buf.shape[2]
+    g = q.shape[2] // kv
+    slots = jnp.arange(max_len)
+    mask_cached = make_mask(q_slots, slots, segment_ids, k_segment_ids) & (slots < index)  # [batch, seq, max_len]
+    mask_new = make_mask(q_slots, q_slots, segment_ids, segment_ids)  # [batch, seq, seq]
+    mask = jnp.repeat(jnp.concatenate([mask_cached, mask_new], -1), g, axis=1)  # [batch, rows, max_len + seq]
+    q = _to_rows(q, kv)  # [batch, kv_heads, rows, head_dim]
+    scores = jnp.concatenate(
+        [
+            jnp.einsum("bkrd,bksd->bkrs", q, k_buf, preferred_element_type=jnp.float32),
+            jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32),
+        ],
+        axis=-1,
+    )  # [batch, kv_heads, rows, max_len + seq]
+    probs = _masked_softmax(scores, mask).astype(v.dtype)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs[..., :max_len], v_buf)  # [batch, kv_heads, rows, head_dim]
+    out = out + jnp.einsum("bkrs,bksd->bkrd", probs[..., max_len:], v)
+    return _from_rows(out, q_slots.shape[0])  # [batch, seq, heads, head_dim]
 
 
 def dot_product_attention(q, k, v, segment_ids):
@@ -180,7 +235,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids, kv_cache=None):
         """x: [batch, seq, embed]; positions: [batch, seq]; segment_ids: [batch, seq] or None.
 
-        kv_cache: None, or (k_buf, v_buf, k_segment_ids, index) with buffers [batch, max_len, kv_heads,
+        kv_cache: None, or (k_buf, v_buf, k_segment_ids, index) with buffers [batch, kv_heads, max_len,
         head_dim], where this call's tokens are written at slots index..index+seq-1. Returns
         (out [batch, seq, embed], (k_buf, v_buf) or None).
         """
@@ -206,12 +261,17 @@ class Attention(nn.Module):
         new_cache = None
         if kv_cache is not None:
             k_buf, v_buf, k_segment_ids, index = kv_cache
-            k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), index, axis=1)
-            v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), index, axis=1)
-            new_cache = (k_buf, v_buf)
+            k_new = k.transpose(0, 2, 1, 3).astype(k_buf.dtype)  # [batch, kv_heads, seq, head_dim]
+            v_new = v.transpose(0, 2, 1, 3).astype(v_buf.dtype)
             q_slots = index + jnp.arange(seq)
-            mask = make_mask(q_slots, jnp.arange(k_buf.shape[1]), segment_ids, k_segment_ids)
-            out = xla_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask)
+            out = cached_attention(
+                q, *(t.astype(q.dtype) for t in (k_new, v_new, k_buf, v_buf)), q_slots, segment_ids,
+                k_segment_ids, index,
+            )
+            new_cache = (
+                jax.lax.dynamic_update_slice_in_dim(k_buf, k_new, index, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(v_buf, v_new, index, axis=2),
+            )
         else:
             impl = resolve_impl(cfg.attention_impl)
             if impl == "splash" and seq % SPLASH_BLOCK_MULTIPLE:

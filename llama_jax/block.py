@@ -28,7 +28,7 @@ class Block(nn.Module):
         """x: [batch, seq, embed] -> ([batch, seq, embed], updated (k_buf, v_buf) or None).
 
         cache_meta: (k_segment_ids [batch, max_len], index) shared by all layers, or None;
-        kv_layer: this layer's (k_buf, v_buf), each [batch, max_len, kv_heads, head_dim], or None.
+        kv_layer: this layer's (k_buf, v_buf), each [batch, kv_heads, max_len, head_dim], or None.
         """
         cfg = self.config
         kv_cache = None if kv_layer is None else (*kv_layer, *cache_meta)

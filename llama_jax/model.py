@@ -24,20 +24,33 @@ from llama_jax.norm import Norm
 
 @flax.struct.dataclass
 class KVCache:
-    """Key/value buffers for incremental decoding, stacked over layers."""
+    """Key/value buffers for incremental decoding, laid out as the params are.
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    With `scan_layers`, k and v are arrays stacked over layers, which nn.scan slices; otherwise they are
+    tuples of per-layer arrays, so that a decode step updates each buffer in place instead of slicing
+    it out of, and stacking it back into, one array (which copied the whole cache 3 times per token).
+    Buffers are heads-major, [batch, kv_heads, max_len, head_dim]: the layout both attention matmuls
+    read without a transpose.
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]  # [layers, batch, kv_heads, max_len, head_dim] or per layer
+    v: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, max_len] int32; 0 marks an empty (or padding) slot
     index: jax.Array  # [] int32: the slot the next token is written to
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         dtype = dtype or config.compute_dtype
+        if config.scan_layers:
+            k = jnp.zeros((config.num_layers, *shape), dtype)
+            v = jnp.zeros((config.num_layers, *shape), dtype)
+        else:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=k,
+            v=v,
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -108,7 +121,7 @@ class Llama(nn.Module):
                 kv_i = None if kv is None else (kv[0][i], kv[1][i])
                 x, new_kv_i = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, cache_meta, kv_i)
                 per_layer.append(new_kv_i)
-            new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*per_layer))
+            new_kv = None if kv is None else tuple(zip(*per_layer))
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:

@@ -41,18 +41,35 @@ def top_p_mask(logits, top_p):
 
 
 def sample_logits(logits, rng, *, temperature, top_k: int, top_p):
-    """One token per row from logits [batch, vocab]. temperature 0 is greedy; top_k 0 and top_p 1 disable."""
+    """One token per row from logits [batch, vocab]. temperature 0 is greedy; top_k 0 and top_p 1 disable.
+
+    temperature and top_p are traced (changing them does not recompile), so the branches are `lax.cond`s:
+    greedy decoding never pays for the nucleus sort, nor sampling for it when top_p is 1.
+    """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [batch, 1]
-        logits = jnp.where(logits >= kth, logits, -jnp.inf)
-    logits = jnp.where(top_p_mask(logits, top_p), logits, -jnp.inf)
-    sampled = jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    def sample(logits):
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [batch, 1]
+            logits = jnp.where(logits >= kth, logits, -jnp.inf)
+        logits = jax.lax.cond(
+            top_p < 1.0, lambda x: jnp.where(top_p_mask(x, top_p), x, -jnp.inf), lambda x: x, logits
+        )
+        return jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+
+    token = jax.lax.cond(temperature > 0, sample, lambda x: jnp.argmax(x, axis=-1), logits)
+    return token.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k"))
+# Region-based copy insertion lets XLA:CPU update the KV buffers carried by the decode loop in place;
+# without it every layer's buffers were copied each token (1.6x slower at batch 1, benchmarks/decode.py).
+# Other backends ignore the option.
+_DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "top_k"), compiler_options=_DECODE_COMPILER_OPTIONS
+)
 def _generate(params, prompt, prompt_lengths, rng, temperature, top_p, eos_id, *, config: ModelConfig,
               max_new_tokens: int, top_k: int):
     """prompt: [batch, prompt_len] left-padded; returns (tokens [batch, max_new_tokens], num_generated [batch])."""
