@@ -145,13 +145,13 @@ def profile(cfg, batch_np, steps: int) -> list[list[object]]:
         t_head = med(lambda: jax.block_until_ready(head_fn(x, head)))
 
         # Attention replaced by identity (out = q): the difference is the attention core's share.
-        orig = attention.xla_attention
-        attention.xla_attention = lambda q, k, v, mask: q
+        orig = attention.causal_attention
+        attention.causal_attention = lambda q, k, v, segment_ids: q
         try:
             grad_noattn = jax.jit(jax.grad(loss_fn))
             t_noattn = med(lambda: jax.block_until_ready(grad_noattn(params, batch)))
         finally:
-            attention.xla_attention = orig
+            attention.causal_attention = orig
 
     rows.append(["forward + backward (no optimizer)", t_fb, t_fb / t_full])
     rows.append(["  forward only (loss)", t_f, t_f / t_full])

@@ -7,14 +7,15 @@ this one rule.
 
 Kernels (`model.attention_impl`):
 - "xla": einsum + f32 softmax; runs everywhere. Without a cache it is `causal_attention`, which skips
-  fully masked blocks; `xla_attention` (the dense masked form, used with a cache) is the reference every
-  kernel is tested against.
+  fully masked blocks; `xla_attention`, the dense masked form, is the reference every kernel is tested
+  against.
 - "dot_product": `jax.nn.dot_product_attention`, which dispatches to cuDNN flash attention on GPUs.
 - "splash": Pallas splash attention (TPU). Off-TPU it runs in Pallas interpret mode, so tests verify the
   exact kernel a TPU user runs.
 - "auto": splash on TPU, dot_product on GPU, xla on CPU.
 Splash needs sequence lengths that are multiples of 128; other lengths take the xla path.
-Decoding with a KV cache always uses "xla": a handful of query tokens gains nothing from a flash kernel.
+Decoding with a KV cache always uses `cached_attention` (XLA): a handful of query tokens gains nothing
+from a flash kernel.
 """
 
 from __future__ import annotations
