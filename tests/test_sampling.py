@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama_jax.config import preset
-from llama_jax.model import Llama, init_params
+from llama_jax.model import Llama, init_params, stack_layers
 from llama_jax.sampling import generate, sample_logits, top_p_mask
 
 CFG = preset("tiny")
@@ -34,6 +34,15 @@ def test_cached_greedy_equals_argmax_of_full_forwards(params):
     got = generate(params, CFG, [prompt], max_new_tokens=20)[0]
     assert got == _greedy_by_full_forward(params, prompt, 20)
     assert len(set(got)) > 1
+
+
+def test_scan_layout_params_decode_like_per_layer_params(params):
+    """Scan-layout params are decoded layer by layer: same greedy tokens and same sampled tokens."""
+    scan_cfg = CFG.replace(scan_layers=True)
+    prompts = [[3, 17, 42], [8, 1, 5, 9, 2]]
+    for kw in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 4}):
+        want = generate(params, CFG, prompts, max_new_tokens=10, **kw)
+        assert generate(stack_layers(params), scan_cfg, prompts, max_new_tokens=10, **kw) == want
 
 
 def test_top_k_1_equals_greedy(params):
