@@ -61,15 +61,15 @@ def sample_logits(logits, rng, *, temperature, top_k: int, top_p):
     return token.astype(jnp.int32)
 
 
-# Region-based copy insertion lets XLA:CPU update the KV buffers carried by the decode loop in place;
-# without it every layer's buffers were copied each token (1.6x slower at batch 1, benchmarks/decode.py).
-# Other backends ignore the option.
-_DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+@functools.cache
+def _jitted_generate(backend: str):
+    # Region-based copy insertion lets XLA:CPU update the KV buffers carried by the decode loop in place;
+    # without it every layer's buffers were copied each token (1.6x slower at batch 1, benchmarks/decode.py).
+    # An XLA:CPU option, so only passed to the CPU compiler.
+    options = {"xla_cpu_copy_insertion_use_region_analysis": True} if backend == "cpu" else None
+    return jax.jit(_generate, static_argnames=("config", "max_new_tokens", "top_k"), compiler_options=options)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "top_k"), compiler_options=_DECODE_COMPILER_OPTIONS
-)
 def _generate(params, prompt, prompt_lengths, rng, temperature, top_p, eos_id, *, config: ModelConfig,
               max_new_tokens: int, top_k: int):
     """prompt: [batch, prompt_len] left-padded; returns (tokens [batch, max_new_tokens], num_generated [batch])."""
@@ -142,7 +142,7 @@ def generate(
         array[row, prompt_len - len(p) :] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
     eos = -1 if eos_id is None else eos_id
-    out, n = _generate(
+    out, n = _jitted_generate(jax.default_backend())(
         params, jnp.asarray(array), jnp.asarray(lengths), jax.random.key(seed), jnp.float32(temperature),
         jnp.float32(top_p), jnp.int32(eos), config=config, max_new_tokens=max_new_tokens, top_k=top_k,
     )
