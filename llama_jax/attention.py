@@ -82,18 +82,17 @@ def _masked_softmax(scores, mask):
     return jax.nn.softmax(jnp.where(mask[:, None], scores, MASK_VALUE), axis=-1)
 
 
-def grouped_attention(q, k, v, mask):
-    """q: [batch, q_len, heads, head_dim] (pre-scaled); k, v heads-major: [batch, kv_heads, kv_len, head_dim];
-    mask: [batch, q_len, kv_len]. Returns [batch, q_len, heads, head_dim]."""
-    kv = k.shape[1]
-    g = q.shape[2] // kv
-    return _from_rows(_attend(_to_rows(q, kv), k, v, jnp.repeat(mask, g, axis=1)), q.shape[1])
-
-
 def xla_attention(q, k, v, mask):
-    """The dense masked reference every kernel is tested against; k, v as projected:
-    [batch, kv_len, kv_heads, head_dim]."""
-    return grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    """The dense masked reference every kernel is tested against.
+
+    q: [batch, q_len, heads, head_dim] (pre-scaled); k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, q_len, kv_len]. Returns [batch, q_len, heads, head_dim].
+    """
+    kv = k.shape[2]
+    g = q.shape[2] // kv
+    k = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
+    v = v.transpose(0, 2, 1, 3)
+    return _from_rows(_attend(_to_rows(q, kv), k, v, jnp.repeat(mask, g, axis=1)), q.shape[1])
 
 
 # Query rows per block of `causal_attention`: with 256 tokens, 2 blocks skip a quarter of the scores.
