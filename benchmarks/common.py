@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import sharding
-from llama_jax.config import ModelConfig, preset
+from llama_jax.model import ModelConfig, init_params, preset
+from llama_jax.tools.hf import save_hf_llama
+from llama_jax.train.metrics import measure_matmul_peak
 
 # The issue's reference training config (~30M params).
 REFERENCE = dict(
@@ -76,8 +78,6 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
     """f32 matmul FLOP/s of this host through XLA (best of `repeats`), the MFU denominator."""
-    from llama_jax.logging_utils import measure_matmul_peak
-
     return measure_matmul_peak(n=n, repeats=repeats)
 
 
@@ -91,17 +91,13 @@ def read_bandwidth(mbytes: int = 512, repeats: int = 10) -> float:
 
 
 def random_params(config: ModelConfig, seed: int = 0):
-    from llama_jax.model import init_params
-
     return init_params(config, jax.random.PRNGKey(seed))
 
 
 def hf_model(config: ModelConfig, params, attn_implementation: str = "sdpa"):
-    """HF LlamaForCausalLM (f32, PyTorch) holding exactly `params`, via llama_jax.hf.save_hf_llama."""
+    """HF LlamaForCausalLM (f32, PyTorch) holding exactly `params`, via llama_jax.tools.hf.save_hf_llama."""
     import torch
     from transformers import LlamaForCausalLM
-
-    from llama_jax.hf import save_hf_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "hf")

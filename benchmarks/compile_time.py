@@ -3,7 +3,7 @@
     python -m benchmarks.compile_time               # 32 layers, d128 ffn352 V1024, batch 4 x seq 128
     python -m benchmarks.compile_time --quick       # smoke run (< 1 min): 8 layers
 
-For each layout a fresh `Trainer` (f32, AdamW, one-CPU-device mesh) runs its first train step (trace +
+For each layout a fresh `TrainProgram` (f32, AdamW, one-CPU-device mesh) runs its first train step (trace +
 compile + run: the time to first step), then --steps steady steps. compile = first step - median steady
 step. The persistent compilation cache is disabled so both compile from scratch. "scanned" here is the
 peer: the issue's target is scanned compile <= 25% of unrolled with a step time within 10%. The last
@@ -23,12 +23,12 @@ import jax
 
 from benchmarks import common
 from benchmarks.train_throughput import build_trainer
-from llama_jax.config import ModelConfig
-from llama_jax.train_step import Trainer
+from llama_jax.model import ModelConfig
+from llama_jax.train import TrainProgram
 
 
 def measure(cfg: ModelConfig, batch_np, steps: int) -> dict:
-    trainer: Trainer = build_trainer(cfg, steps)
+    trainer: TrainProgram = build_trainer(cfg, steps)
     state = trainer.init_state(0)
     batch = trainer.shard_batch(batch_np)
     jax.block_until_ready(state)

@@ -7,7 +7,7 @@ memory-bandwidth limit.
 
 Both sides decode `--new_tokens` tokens after a `--prompt_len`-token random prompt, greedy, f32, with a
 KV cache; neither can stop early (ours: eos_id=None; HF: min_new_tokens = max_new_tokens). HF gets
-exactly our weights (random, seeded) through `llama_jax.hf.save_hf_llama`. Our compile is excluded
+exactly our weights (random, seeded) through `llama_jax.tools.hf.save_hf_llama`. Our compile is excluded
 (a warm-up call with the same shapes first). tokens/s = batch * new_tokens / wall time of the whole call
 (prefill included), best of --repeats.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from benchmarks import common
-from llama_jax import sampling
+from llama_jax.inference import sampling
 
 
 def time_ours(cfg, params, prompts, new_tokens: int, repeats: int):

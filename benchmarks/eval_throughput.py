@@ -3,7 +3,7 @@
     python -m benchmarks.eval_throughput            # reference config: d512 L8 h8 ffn1408 V4096, 16x256
     python -m benchmarks.eval_throughput --quick    # smoke run (< 1 min)
 
-Ours: `Trainer.eval_step` (jitted; logits + summed cross-entropy), one-CPU-device mesh, f32. Peer:
+Ours: `TrainProgram.eval_step` (jitted; logits + summed cross-entropy), one-CPU-device mesh, f32. Peer:
 `LlamaForCausalLM` forward + cross-entropy under torch.no_grad (f32, sdpa, every core), same weights.
 Median of --steps steady calls; compile excluded. MFU against an f32 matmul peak measured in the same
 run, with forward FLOPs (config.flops_per_token(training=False)). The last line is JSON.

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from llama_jax import data
-from llama_jax.tokenizer import ByteTokenizer, train_sentencepiece
+from llama_jax.data import ByteTokenizer, DataConfig, train_sentencepiece
 
 _SIZE_MB = flags.DEFINE_float("size_mb", 100, "Size of the synthetic corpus in MB.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
@@ -65,8 +65,8 @@ def synthetic_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> None:
 def run_case(name: str, docs: data.Documents, tokenizer, tokens: int | None = None, **options) -> dict:
     """Time one epoch; `tokens` (the stream size) must be given for windowed runs, which keep few windows."""
     t0 = time.perf_counter()
-    train = data.TrainData.from_documents(
-        docs, tokenizer, seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, **options
+    train = data.TrainData(
+        docs, tokenizer, DataConfig(**options), seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, seed=0
     )
     t1 = time.perf_counter()
     steps = 0

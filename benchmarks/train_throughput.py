@@ -4,7 +4,7 @@
     python -m benchmarks.train_throughput --quick         # smoke run (< 1 min)
     python -m benchmarks.train_throughput --profile       # also: where the time of our step goes
 
-Ours: `Trainer.build` (f32, AdamW + global-norm clipping, one-CPU-device mesh), jitted and donated.
+Ours: `TrainProgram.build` (f32, AdamW + global-norm clipping, one-CPU-device mesh), jitted and donated.
 Peer: `LlamaForCausalLM` (f32, sdpa attention, eager PyTorch) with torch.optim.AdamW and
 clip_grad_norm_, on every core. Both compute the same loss (mean next-token cross-entropy over all
 batch*seq targets). Compile and the first steps are excluded; figures are the median of --steps steady
@@ -25,17 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from llama_jax import optim, sharding
-from llama_jax.defaults import base_config
-from llama_jax.train_step import Trainer
+from llama_jax import sharding
+from llama_jax.train import OptimizerConfig, TrainProgram, make_optimizer
+
+# lr 3e-4 throughout, as the peer's torch.optim.AdamW
+OPTIMIZER = OptimizerConfig(warmup_steps=0, schedule="constant")
 
 
-def build_trainer(cfg, steps: int) -> Trainer:
-    opt = base_config().optimizer
-    opt.warmup_steps = 0
-    opt.schedule = "constant"  # lr 3e-4 throughout, as the peer's torch.optim.AdamW
-    tx, schedule = optim.make_optimizer(opt, total_steps=max(steps, 10) * 10)
-    return Trainer.build(cfg, common.one_device_mesh(), sharding.resolve_rules(None), tx, schedule)
+def build_trainer(cfg, steps: int) -> TrainProgram:
+    tx = make_optimizer(OPTIMIZER, total_steps=max(steps, 10) * 10)
+    return TrainProgram.build(cfg, common.one_device_mesh(), sharding.resolve_rules(sharding.ShardingConfig()), tx)
 
 
 def time_ours(cfg, batch_np, steps: int, warmup: int) -> dict:
@@ -61,7 +60,7 @@ def time_hf(cfg, params, batch_np, steps: int, warmup: int, attn: str) -> dict:
     torch = common.setup_torch()
     model = common.hf_model(cfg, params, attn)
     model.train()
-    opt_cfg = base_config().optimizer
+    opt_cfg = OPTIMIZER
     opt = torch.optim.AdamW(
         model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
         weight_decay=opt_cfg.weight_decay,
@@ -91,9 +90,7 @@ def profile(cfg, batch_np, steps: int) -> list[list[object]]:
     without the optimizer; forward only (loss); the LM head + cross-entropy alone (fwd+bwd); the
     optimizer alone (clip + AdamW on the param tree).
     """
-    from llama_jax import attention
-    from llama_jax.model import Llama
-    from llama_jax.train_step import loss_sums
+    from llama_jax.model import Llama, attention, loss_sums
 
     rows = []
 
@@ -214,7 +211,7 @@ def main(argv=None):
           f"model FLOPs/token (train): {flops_tok / 1e6:.1f} MFLOP")
     common.print_table(
         [
-            ["ours (jax, Trainer)", ours["median_s"] * 1e3, ours["best_s"] * 1e3, ours_tps, 100 * mfu, ours["loss"]],
+            ["ours (jax, TrainProgram)", ours["median_s"] * 1e3, ours["best_s"] * 1e3, ours_tps, 100 * mfu, ours["loss"]],
             [f"HF torch ({a.hf_attn}, {peer['threads']} threads)", peer["median_s"] * 1e3, peer["best_s"] * 1e3,
              peer_tps, 100 * peer_mfu, peer["loss"]],
         ],

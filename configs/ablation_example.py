@@ -5,7 +5,7 @@ Sweep any of them, e.g.
         --sweep='model.norm=rmsnorm,layernorm' --sweep='model.num_kv_heads=1,4' --seeds=2
 """
 
-from llama_jax.defaults import base_config
+from llama_jax.experiment import base_config
 
 
 def get_config():

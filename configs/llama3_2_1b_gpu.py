@@ -6,7 +6,7 @@ Fine-tune an imported checkpoint:
         --config.init_from=/runs/llama1b_hf --config.data.tokenizer=/runs/llama1b_hf/tokenizer
 """
 
-from llama_jax.defaults import base_config
+from llama_jax.experiment import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@
     --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 
-from llama_jax.defaults import base_config
+from llama_jax.experiment import base_config
 
 
 def get_config():

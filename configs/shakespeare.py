@@ -5,7 +5,7 @@ model (d=128, 4 layers), a BPE tokenizer trained on the training split (2.4 byte
 sees 2.4x the text of a byte-level model), short windows and a high learning rate.
 """
 
-from llama_jax.defaults import base_config
+from llama_jax.experiment import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """For tests and quick checks: a 2-layer GQA model on tiny_shakespeare; a train step well under a second."""
 
-from llama_jax.defaults import base_config
+from llama_jax.experiment import base_config
 
 
 def get_config():

@@ -6,14 +6,15 @@
     python -m experiments.convert_hf --to_hf --workdir=/runs/llama1b --hf_dir=/models/llama1b-ft
 
 Neither direction writes into an existing non-empty target; outputs appear only once complete. All the
-logic lives in llama_jax.hf (import_to_workdir / export_from_workdir); this file only parses flags.
+logic lives in llama_jax.tools.hf (import_to_workdir / export_from_workdir); this file only parses flags.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from llama_jax import checkpoint, hf
+from experiments import cli
+from llama_jax.tools import hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF model directory: the source, or with --to_hf the target.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "llama_jax workdir: the target, or with --to_hf the source.")
@@ -33,16 +34,6 @@ flags.mark_flags_as_required(["hf_dir", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        _convert()
-    except (hf.HFImportError, hf.HFExportError, checkpoint.CheckpointError) as e:
-        # The message already names the file and the fix; a traceback would only bury it.
-        raise SystemExit(f"convert_hf: {e}") from e
-
-
-def _convert():
     if _TO_HF.value:
         cfg = hf.export_from_workdir(_WORKDIR.value, _HF_DIR.value, dtype=_DTYPE.value, step=_STEP.value)
         logging.info("exported %s (%d params) to %s", _WORKDIR.value, cfg.param_count(), _HF_DIR.value)
@@ -54,4 +45,4 @@ def _convert():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

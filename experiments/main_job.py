@@ -8,14 +8,15 @@ experiments.sample), so this is the same work a user does by hand. The last line
 """
 
 import json
-import logging
 import math
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from llama_jax import evaluation, sampling, workdir
+from experiments import cli
+from llama_jax.experiment import Experiment
+from llama_jax.inference import evaluate_workdir, load_workdir, sample_text
 from llama_jax.train import summarize, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Experiment config file.")
@@ -26,27 +27,25 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature of t
 
 
 def main(argv):
-    del argv
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("llama_jax").setLevel(logging.INFO)
-    config, path = _CONFIG.value, _WORKDIR.value
+    cli.quiet_logs()
+    exp, path = Experiment.from_config(_CONFIG.value), _WORKDIR.value
     times = {}
 
     t = time.perf_counter()
-    metrics = train(config, path)
+    metrics = train(exp, path)
     times["train_s"] = time.perf_counter() - t
     print(summarize(metrics), flush=True)
 
     t = time.perf_counter()
-    result = evaluation.evaluate_workdir(path)
+    result = evaluate_workdir(path)
     times["eval_s"] = time.perf_counter() - t
     print(f"held-out {result['data']}: {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
           f"{result['bits_per_byte']:.4f} bits/byte = {result['bits_per_byte'] * math.log(2):.4f} nats/byte",
           flush=True)
 
     t = time.perf_counter()
-    model_config, params, tokenizer, experiment = workdir.load_workdir(path)
-    text, _ = sampling.sample_text(
+    model_config, params, tokenizer, experiment = load_workdir(path)
+    text, _ = sample_text(
         params, model_config, tokenizer, experiment, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
         temperature=_TEMPERATURE.value, seed=0,
     )
@@ -66,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

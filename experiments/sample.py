@@ -18,11 +18,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from llama_jax import checkpoint, sampling, workdir
-from llama_jax.config import ConfigError
-from llama_jax.tokenizer import TokenizerError
+from experiments import cli
+from llama_jax.inference import load_workdir, sample_text
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir (from training or convert_hf).", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (may be empty: then only BOS is the prompt).")
@@ -32,28 +31,19 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the K most likely tokens
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, 0 < top_p <= 1; 1 disables.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampler.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Mesh data axis size (-1: all remaining devices).")
-_MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Mesh fsdp axis size (params sharded over it; -1: all).")
-_MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Mesh tensor axis size (tensor parallelism; -1: all).")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag (quote the prompt).")
     logging.getLogger().setLevel(logging.WARNING)
-    try:
-        mesh = workdir.inference_mesh(_MESH_DATA.value, _MESH_FSDP.value, _MESH_TENSOR.value)
-        model_config, params, tokenizer, experiment = workdir.load_workdir(_WORKDIR.value, mesh, step=_STEP.value)
-        text, _ = sampling.sample_text(
-            params, model_config, tokenizer, experiment, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
-            temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-        )
-    except (checkpoint.CheckpointError, TokenizerError, ConfigError, ValueError) as e:
-        # The message already names the fix; a traceback would only bury it.
-        raise SystemExit(f"sample: {e}") from e
+    mesh = cli.mesh(default_data=1)  # one device unless asked: decoding one prompt gains nothing from more
+    model_config, params, tokenizer, experiment = load_workdir(_WORKDIR.value, mesh, step=_STEP.value)
+    text, _ = sample_text(
+        params, model_config, tokenizer, experiment, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+    )
     sys.stdout.write(_PROMPT.value + text + "\n")
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,9 +11,10 @@ report: only (re)write the report from finished runs.
 
 import shlex
 
-from absl import app, flags
+from absl import flags
 
-from llama_jax import sweep
+from experiments import cli
+from llama_jax.tools import sweep
 
 _CONFIG = flags.DEFINE_string("config", "configs/ablation_example.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root dir; each run goes to WORKDIR/<variant>/seed<k>.", required=True)
@@ -24,7 +25,6 @@ _MODE = flags.DEFINE_enum("mode", "local", ["local", "print", "report"], "What t
 
 
 def main(argv):
-    del argv
     variants = sweep.expand(sweep.parse_sweeps(_SWEEP.value))
     seeds = list(range(_SEEDS.value))
     argvs = sweep.commands(_CONFIG.value, _WORKDIR.value, variants, seeds, fixed=_SET.value)
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

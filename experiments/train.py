@@ -3,11 +3,11 @@
 Re-running the same command resumes from DIR's newest complete checkpoint.
 """
 
-import logging
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
+from llama_jax.experiment import Experiment
 from llama_jax.train import summarize, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Experiment config file.")
@@ -15,12 +15,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 
 
 def main(argv):
-    del argv
-    # Our progress at INFO; Orbax/absl chatter only when it matters.
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("llama_jax").setLevel(logging.INFO)
-    print(summarize(train(_CONFIG.value, _WORKDIR.value)))
+    cli.quiet_logs()
+    print(summarize(train(Experiment.from_config(_CONFIG.value), _WORKDIR.value)))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

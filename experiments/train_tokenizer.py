@@ -10,11 +10,12 @@ with `--config.data.tokenizer=OUTPUT_DIR --config.model.vocab_size=VOCAB_SIZE`.
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from llama_jax import data
-from llama_jax.tokenizer import train_sentencepiece
+from llama_jax.data import DataConfig, train_sentencepiece
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Experiment config (its data).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where tokenizer.model is written.", required=True)
@@ -36,8 +37,7 @@ _MAX_DOCS = flags.DEFINE_integer("max_docs", 0, "Read only the first N documents
 
 
 def main(argv):
-    del argv
-    d = _CONFIG.value.data
+    d = DataConfig.from_dict(_CONFIG.value.data)
     if _TEXT_FILE.value:
         docs = data.file_documents(_TEXT_FILE.value, text_key=d.text_key, what="--text_file")
     elif _SPLIT.value or not d.train_files:
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,15 +1,19 @@
-"""The workdir: a self-contained directory that training, evaluation, sampling and conversion share.
+"""The workdir on disk: a self-contained directory that training, evaluation, sampling and conversion share.
 
     DIR/config.json          the resolved experiment config (its "model" entry is a ModelConfig dict)
-    DIR/tokenizer/           tokenizer.model, tokenizer.json or byte.json (see llama_jax.tokenizer)
-    DIR/checkpoints/<step>/  Orbax checkpoints; item "params" always, "train_state" when training wrote it
+    DIR/tokenizer/           tokenizer.model, tokenizer.json or byte.json (see llama_jax.data.tokenizer)
+    DIR/checkpoints/<step>/  Orbax checkpoints: item "params" always; "train_state" (optimizer state,
+                             step, skip streak) and "data_state" when training wrote them
+    DIR/metrics.jsonl, DIR/tensorboard/, DIR/profile/   written by training (llama_jax.train.metrics)
 
 Evaluation and sampling restore only the "params" item, so a workdir imported from HF (params only) and
-one written by training are read the same way.
+one written by training are read the same way. Resuming restores all three items, after
+`check_resume_config` has compared the new config with DIR/config.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -17,17 +21,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from llama_jax.config import ModelConfig
-from llama_jax.model import stack_layers, unstack_layers
+from llama_jax.errors import CheckpointError, ConfigMismatchError
+from llama_jax.model import ModelConfig, stack_layers, unstack_layers
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
-
-
-class CheckpointError(RuntimeError):
-    """A workdir or checkpoint that cannot be used; the message says what to do."""
 
 
 def write_config(workdir, config: dict[str, Any]) -> None:
@@ -118,9 +120,6 @@ def restore_params(workdir, abstract_params, step: int | None = None):
 def _relayout_abstract(abstract, *, scanned: bool):
     """`abstract` in the other layer layout; a stacked leaf's shards are its per-layer shards, unsplit on
     the leading layer axis."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
     shapes = jax.eval_shape(stack_layers if scanned else unstack_layers, plain)
 
@@ -165,3 +164,106 @@ def check_shapes(expected, stored, *, where: str) -> None:
 
 def tokenizer_dir(workdir) -> str:
     return os.fspath(epath.Path(workdir) / TOKENIZER_DIR)
+
+
+def incomplete_checkpoints(workdir) -> list[str]:
+    """Orbax temp dirs of interrupted saves (never restored; the previous checkpoint is used instead)."""
+    root = epath.Path(workdir) / CHECKPOINT_DIR
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if "tmp" in p.name)
+
+
+# ---------------------------------------------------------------------- the training state
+def save_train_state(mngr: ocp.CheckpointManager, step: int, params, train_state, data_state: dict) -> bool:
+    """Queue an (async) save of params, the rest of the train state (a pytree) and the data state (JSON)."""
+    return mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            train_state=ocp.args.StandardSave(train_state),
+            data_state=ocp.args.JsonSave(data_state),
+        ),
+        force=True,
+    )
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_train_state):
+    """(params, train state, data state) of `step`, restored onto the abstract targets' shardings."""
+    stored = mngr.item_metadata(step)
+    stored = stored.get("train_state") if stored is not None else None
+    if stored is not None and "rng" in stored:
+        raise CheckpointError(
+            f"{mngr.directory}/{step} was written by an older llama_jax (its train state holds a dropout rng "
+            "that the model never used), so it cannot be resumed. Its params still evaluate and sample; to "
+            f"keep training from them start a new run with --config.init_from={epath.Path(mngr.directory).parent} "
+            "(fresh optimizer state)."
+        )
+    try:
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                train_state=ocp.args.StandardRestore(abstract_train_state),
+                data_state=ocp.args.JsonRestore(),
+            ),
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"could not restore the training state of step {step} from {mngr.directory}: {e}\n"
+            "If the model or optimizer config changed, use a new --workdir; if the checkpoint is damaged, "
+            f"move {mngr.directory}/{step} aside to resume from the one before."
+        ) from e
+    return out["params"], out["train_state"], out["data_state"]
+
+
+# ---------------------------------------------------------------------- resuming with a config
+# Fields that may differ between a run and the one it resumes: they steer the loop, not the result.
+RUN_CONTROL_FIELDS = frozenset(
+    {"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_period",
+     "profile_start", "profile_steps", "allow_config_change"}
+)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Lines `field: old -> new` for every leaf that differs (JSON-normalised)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_diff(a, b, name + ".")
+        elif _normalise(a) != _normalise(b):
+            lines.append(f"{name}: {a!r} -> {b!r}")
+    return lines
+
+
+def _normalise(v):
+    return [_normalise(x) for x in v] if isinstance(v, list | tuple) else v
+
+
+def _resolved_model(config: dict) -> dict:
+    """config.json with its model section's derived sizes resolved: a head_dim written out by an older
+    version equals the 0 (derive) a new config writes."""
+    return {**config, "model": dataclasses.asdict(ModelConfig.from_dict(config["model"]))}
+
+
+def check_resume_config(workdir, new: dict) -> None:
+    """Refuse to resume `workdir` with a config (`Experiment.to_dict()`) that changes what is computed,
+    showing the diff, unless new["allow_config_change"]."""
+    old = read_config(workdir)
+    if "num_steps" not in old:
+        raise ConfigMismatchError(
+            f"{workdir} holds an imported checkpoint, not a training run. Fine-tune from it with "
+            f"--config.init_from={workdir} and a new --workdir."
+        )
+    diff = [
+        line for line in config_diff(_resolved_model(old), _resolved_model(new))
+        if line.split(":")[0] not in RUN_CONTROL_FIELDS
+    ]
+    if diff and not new.get("allow_config_change", False):
+        shown = "\n  ".join(diff)
+        raise ConfigMismatchError(
+            f"{workdir} was trained with a different config; resuming would mix two experiments:\n  {shown}\n"
+            "Use a new --workdir, or pass --config.allow_config_change=True to resume with the new values."
+        )

@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,8 +34,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.config import ConfigError, ModelConfig
-from llama_jax.optim import path_str
+from llama_jax.errors import ShardingError
+from llama_jax.model import ModelConfig, path_str
+from llama_jax.sections import Section
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension of inputs and activations is split over both data-parallel axes.
@@ -48,19 +46,55 @@ AxisSpec = str | tuple[str, ...] | None
 Rule = tuple[str, tuple[AxisSpec, ...]]
 
 
-class ShardingError(ConfigError):
-    """A mesh, rule set or config that cannot shard this model; the message names the fix."""
+# ---------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+    """`config.mesh`: sizes of the data / fsdp / tensor axes over all processes' devices; one may be -1
+    (all remaining devices). The batch is split over data*fsdp."""
+
+    SECTION = "mesh"
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+        if sizes.count(-1) > 1:
+            raise ShardingError(f"{desc}: at most one mesh axis may be -1 (meaning 'all remaining devices').")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ShardingError(f"{desc}: mesh sizes must be positive, or -1 for one axis.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig(Section):
+    """`config.sharding`: `rule_set` names one of RULE_SETS ("dp" | "fsdp" | "fsdp_tp"; fsdp_tp uses
+    whichever mesh axes are > 1, so the mesh alone picks the strategy). `param_rules`
+    ((regex, spec), ...) replaces the set's param rules; `activation_rules` ((logical_name, mesh_axes),
+    ...) its activation rules."""
+
+    SECTION = "sharding"
+
+    rule_set: str = "fsdp_tp"
+    param_rules: tuple | None = None
+    activation_rules: tuple | None = None
+
+    def __post_init__(self):
+        if self.rule_set not in RULE_SETS:
+            raise ShardingError(f"sharding.rule_set={self.rule_set!r} is not one of {sorted(RULE_SETS)}.")
+        for regex, _ in self.param_rules or ():
+            try:
+                re.compile(regex)
+            except (re.error, TypeError) as e:
+                raise ShardingError(f"sharding.param_rules: {regex!r} is not a valid regex ({e}).") from e
 
 
 # ---------------------------------------------------------------------- mesh
-def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from `config.mesh`; one axis may be -1 (= all remaining devices)."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes of `mesh_cfg` on `num_devices` devices (a -1 axis takes the rest)."""
+    sizes = [getattr(mesh_cfg, a) for a in MESH_AXES]
     desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
-    if sizes.count(-1) > 1:
-        raise ShardingError(f"{desc}: at most one mesh axis may be -1 (meaning 'all remaining devices').")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ShardingError(f"{desc}: mesh sizes must be positive, or -1 for one axis.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
@@ -78,7 +112,7 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The ("data", "fsdp", "tensor") mesh over all processes' devices (or `devices`).
 
     `jax.make_mesh` orders the devices to match the TPU interconnect (rings/tori per axis); the last
@@ -167,22 +201,13 @@ def _normalize_spec(spec: Sequence) -> tuple[AxisSpec, ...]:
     return tuple(out)
 
 
-def resolve_rules(sharding_cfg: Mapping[str, Any] | None) -> RuleSet:
+def resolve_rules(sharding_cfg: ShardingConfig) -> RuleSet:
     """The RuleSet `config.sharding` asks for: a named set, with explicit lists replacing its parts."""
-    sharding_cfg = sharding_cfg or {}
-    name = sharding_cfg.get("rule_set", "fsdp_tp")
-    if name not in RULE_SETS:
-        raise ShardingError(f"sharding.rule_set={name!r} is not one of {sorted(RULE_SETS)}.")
-    rules = RULE_SETS[name]
-    params = sharding_cfg.get("param_rules") or rules.params
-    activations = sharding_cfg.get("activation_rules") or rules.activations
+    rules = RULE_SETS[sharding_cfg.rule_set]
+    params = sharding_cfg.param_rules or rules.params
+    activations = sharding_cfg.activation_rules or rules.activations
     params = tuple((str(regex), _normalize_spec(spec)) for regex, spec in params)
     activations = tuple((str(n), _normalize_spec([axes])[0]) for n, axes in activations)
-    for regex, _ in params:
-        try:
-            re.compile(regex)
-        except re.error as e:
-            raise ShardingError(f"sharding.param_rules: {regex!r} is not a valid regex ({e}).") from e
     return RuleSet(params, activations)
 
 
@@ -420,80 +445,3 @@ def check_batch_fits_mesh(global_batch_size: int, grad_accum_steps: int, mesh: M
             f"is not divisible by mesh data*fsdp = {n}. Make batch_size a multiple of "
             f"{n * grad_accum_steps}, or lower grad_accum_steps."
         )
-
-
-# ---------------------------------------------------------------------- multi-host
-def _cluster_detected() -> bool:
-    """Whether jax's own cluster auto-detection (TPU pod, SLURM, Open MPI, k8s) sees >1 process."""
-    try:
-        from jax._src import clusters  # no public API for "would initialize() find a cluster?"
-    except ImportError:  # pragma: no cover - layout of a future jax
-        return False
-    for env in clusters.ClusterEnv._cluster_types:
-        if env.opt_in_only_method:
-            continue
-        try:
-            if env.is_env_present() and env.get_process_count() > 1:
-                return True
-        except Exception:  # a half-configured environment is not a cluster
-            continue
-    return False
-
-
-def maybe_initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids: Sequence[int] | None = None,
-) -> bool:
-    """Start jax.distributed when running as one of several processes; returns whether it did.
-
-    Call it first thing, before anything touches a device. It initializes when:
-    - `coordinator_address` / `num_processes` / `process_id` are given (or JAX_COORDINATOR_ADDRESS is
-      set): multi-node GPU or any hand-launched cluster, every process with the same address and
-      num_processes and its own process_id;
-    - or jax's auto-detection finds a multi-process cluster: a multi-host TPU pod slice (v4-32, v5p-…),
-      SLURM with several tasks, Open MPI, or a k8s indexed job.
-    A single machine (one TPU VM host, one GPU box, a laptop) needs nothing and stays single-process.
-
-    Unset arguments fall back to the environment: JAX_COORDINATOR_ADDRESS (read by jax itself),
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID and JAX_LOCAL_DEVICE_IDS (comma-separated), so a launcher can
-    configure every process with env vars alone.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
-    if not (explicit or os.environ.get("JAX_COORDINATOR_ADDRESS") or _cluster_detected()):
-        return False
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        local_device_ids=local_device_ids,
-    )
-    logging.info(
-        "jax.distributed: process %d of %d, %d local / %d global devices",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-    )
-    return True
-
-
-def is_main_process() -> bool:
-    """Process 0 logs, writes summaries and prints; every process runs the same jitted steps."""
-    return jax.process_index() == 0
-
-
-def quiet_non_main_processes() -> None:
-    """Raise the log level to WARNING on processes other than 0, so that a pod logs each line once."""
-    if not is_main_process():
-        logging.getLogger().setLevel(logging.WARNING)
-        try:
-            from absl import logging as absl_logging
-
-            absl_logging.set_verbosity(absl_logging.WARNING)
-        except ImportError:  # pragma: no cover
-            pass

@@ -11,8 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from tests.helpers import SHAKESPEARE, load_config
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +39,7 @@ def trained_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     """A workdir trained in-process for 20 steps of configs/tiny.py (byte tokenizer, seq_len 64; ~15 s), on
     local files so no TFDS build is needed: data.train_files = all of tiny-shakespeare but its last 20,000
     characters, data.eval_files = those (`<dir>/data/{train,eval}.txt`). Read-only: copy it to modify it."""
-    import importlib.util
-
+    from llama_jax.experiment import Experiment
     from llama_jax.train import train
 
     root = tmp_path_factory.mktemp("trained_tiny")
@@ -49,15 +47,12 @@ def trained_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     (root / "data").mkdir()
     (root / "data" / "train.txt").write_text(text[:-20000], encoding="utf-8")
     (root / "data" / "eval.txt").write_text(text[-20000:], encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("tiny")
     config.data.train_files = str(root / "data" / "train.txt")
     config.data.eval_files = str(root / "data" / "eval.txt")
     config.num_steps, config.eval_every, config.checkpoint_every = 20, 0, 0
     config.optimizer.lr, config.optimizer.warmup_steps = 1e-2, 2  # learns more than unigram stats in 20 steps
-    train(config, root / "workdir")
+    train(Experiment.from_config(config), root / "workdir")
     return root / "workdir"
 
 
@@ -69,9 +64,8 @@ def hf_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     import jax
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from llama_jax import hf
-    from llama_jax.config import preset
-    from llama_jax.model import init_params
+    from llama_jax.model import init_params, preset
+    from llama_jax.tools import hf
 
     root = tmp_path_factory.mktemp("hf_tiny")
     cfg = preset("tiny")

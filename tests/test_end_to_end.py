@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+from tests.helpers import REPO
+
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, timeout=600):

@@ -16,10 +16,12 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import sharding
 from llama_jax.config import preset
-from llama_jax.defaults import base_config
+from llama_jax.experiment import base_config
 from llama_jax.model import Llama, param_shapes
-from llama_jax.optim import make_optimizer, path_str
-from llama_jax.train_step import Trainer
+from llama_jax.model import path_str
+from llama_jax.train import make_optimizer
+from llama_jax.train import TrainProgram
+from tests.helpers import program_of
 
 # Heads and kv heads divisible by tensor=4, every dim divisible by 8; biases and q/k norms exercise
 # every rule of the rule sets.
@@ -122,10 +124,10 @@ def test_sharded_init_places_every_param_by_its_rule():
     c = base_config("tiny", **MODEL, tie_embeddings=False)
     c.batch_size = 8
     mesh = mesh_of(1, 2, 4)
-    trainer = Trainer.from_config(c, mesh=mesh)
+    trainer = program_of(c, mesh=mesh)
     state = trainer.init_state(seed=3)
     params = flat(state.params)
-    key = jax.random.split(jax.random.PRNGKey(3))[0]  # Trainer.init_state's params key
+    key = jax.random.split(jax.random.PRNGKey(3))[0]  # TrainProgram.init_state's params key
     eager = flat(Llama(trainer.model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
     assert params.keys() == eager.keys()
     for path, x in params.items():
@@ -165,7 +167,7 @@ def test_rule_with_wrong_rank_or_unknown_axis():
 def test_tensor_not_dividing_heads_names_fields():
     c = base_config("tiny")  # num_heads=4, num_kv_heads=2
     with pytest.raises(sharding.ShardingError, match=r"model.num_kv_heads=2 is not divisible by mesh tensor=4") as e:
-        Trainer.from_config(c, mesh=mesh_of(2, 1, 4))
+        program_of(c, mesh=mesh_of(2, 1, 4))
     assert "one of [1, 2]" in str(e.value)  # the fix: tensor sizes that divide every split dim
 
 
@@ -183,7 +185,7 @@ def test_idle_mesh_axis_is_an_error():
     c = base_config("tiny", **MODEL)
     c.sharding.rule_set = "fsdp"
     with pytest.raises(sharding.ShardingError, match=r"mesh axes \['tensor'\] have size > 1"):
-        Trainer.from_config(c, mesh=mesh_of(2, 1, 4))
+        program_of(c, mesh=mesh_of(2, 1, 4))
 
 
 def test_batch_must_split_over_data_parallel_axes():

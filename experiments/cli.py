@@ -1,0 +1,57 @@
+"""What every entry script shares: the error handler and the flags several scripts define.
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+A `LlamaJaxError` (a bad flag, a missing file, a workdir that cannot be used) prints one line,
+`<script>: <message>`, and exits 1; its message already names the fix, so a traceback would only bury it.
+`--traceback` shows it anyway. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+from llama_jax.errors import LlamaJaxError
+from llama_jax.inference import inference_mesh
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a usage error too.")
+
+# One definition of the mesh flags; a script that reads them says what None (unset) means for it.
+_MESH_DATA = flags.DEFINE_integer("mesh_data", None, "Mesh data axis size (-1: all remaining devices).")
+_MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Mesh fsdp axis size (params sharded over it; -1: all).")
+_MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Mesh tensor axis size (tensor parallelism; -1: all).")
+
+
+def mesh(default_data: int):
+    """The --mesh_* flags as a mesh; `default_data` is the data axis when --mesh_data is unset."""
+    data = default_data if _MESH_DATA.value is None else _MESH_DATA.value
+    return inference_mesh(data, _MESH_FSDP.value, _MESH_TENSOR.value)
+
+
+def quiet_logs() -> None:
+    """Our progress at INFO; Orbax/absl chatter only when it matters."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("llama_jax").setLevel(logging.INFO)
+
+
+def run(main) -> None:
+    """`absl.app.run(main)`, printing a LlamaJaxError as one line instead of a traceback."""
+
+    def wrapped(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag (quote values).")
+        try:
+            return main(argv)
+        except LlamaJaxError as e:
+            if _TRACEBACK.value:
+                raise
+            name = os.path.basename(sys.argv[0]).removesuffix(".py")
+            print(f"{name}: {e}\n(--traceback shows where it was raised)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    app.run(wrapped)

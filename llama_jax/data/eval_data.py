@@ -1,0 +1,125 @@
+"""Held-out data: every target scored once, in order, with exact token and UTF-8 byte totals for loss per
+token and bits per byte (llama_jax/data/__init__, "Held-out eval").
+
+Rows are build_rows' (non-overlapping windows) or, with a stride, `window_layout`'s sliding windows, in
+which each target is predicted from at least seq_len - stride + 1 tokens of context. The scored set and the
+token and byte totals are the same either way; only the context differs. Windows never cross a span: the
+whole stream in concat mode, one document in packed mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from llama_jax.data.config import DataConfig
+from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of, window_layout
+from llama_jax.data.sources import Documents, check_no_leak, documents_for_role, no_text
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.data.tokens import TokenStream, tokenize
+from llama_jax.errors import DataError
+
+
+class EvalData:
+    """The rows of a token stream once, in order, with what they score.
+
+    `num_tokens` = scored targets of the whole split, `num_bytes` = UTF-8 bytes of the text they encode;
+    summed over all batches (and processes), loss_mask gives num_tokens and target_bytes gives num_bytes.
+    """
+
+    def __init__(self, stream: TokenStream, rows: Rows, tokenizer: Tokenizer, *, batch_size: int):
+        self.stream, self.rows, self.batch_size = stream, rows, int(batch_size)
+        self.pad_id = pad_id_of(tokenizer)
+        tokens, ds = stream.tokens, stream.doc_starts
+        n = len(tokens)
+        # How many rows score each stream position (a row scores its targets from column `first` on).
+        first = np.zeros_like(rows.start) if rows.first is None else rows.first
+        diff = np.zeros(n + 1, np.int64)
+        np.add.at(diff, rows.start + 1 + first, 1)
+        np.add.at(diff, rows.start + 1 + rows.length, -1)
+        times = np.cumsum(diff[:n])
+        if times.max(initial=0) > 1:
+            raise AssertionError("eval rows score a target twice")  # a bug in the layout, not bad input
+        is_target = times == 1
+        self.scored = is_target.copy()
+        if stream.add_bos:
+            self.scored[ds[:-1]] = False
+        # Bytes of each document sit on its last token.
+        self.weights = np.zeros(n, np.int64)
+        nonempty = np.flatnonzero(np.diff(ds) > 0)
+        np.add.at(self.weights, ds[nonempty + 1] - 1, stream.doc_bytes[nonempty])
+        if not stream.add_bos:
+            # A document's first token with no context is never a target: move its bytes onto it (unscored).
+            first_tok = ds[:-1]
+            content_end = ds[1:] - (1 if stream.add_eos else 0)
+            for d in np.flatnonzero((first_tok < content_end) & ~is_target[np.minimum(first_tok, n - 1)]).tolist():
+                b = len(tokenizer.decode([int(tokens[first_tok[d]])]).encode("utf-8"))
+                self.weights[ds[d + 1] - 1] -= b
+                self.weights[first_tok[d]] += b
+        self.num_tokens = int(self.scored.sum())
+        self.num_bytes = int(self.weights[self.scored].sum())
+
+    @classmethod
+    def from_config(cls, data: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_size: int) -> EvalData:
+        """The held-out split (or files) `data` names, checked not to overlap the training data."""
+        check_no_leak(data)
+        docs = documents_for_role(data, "eval")
+        stream = tokenize(docs, tokenizer, add_bos=data.add_bos, add_eos=data.add_eos, cache_dir=data.cache_dir)
+        if int(stream.doc_bytes.sum()) == 0:
+            raise no_text(docs)
+        return cls(stream, build_rows(stream, seq_len, data.packing), tokenizer, batch_size=batch_size)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.rows.num_rows // self.batch_size)
+
+    def batch(self, index: int, process_index=None, process_count=None, *, rows: slice | None = None) -> dict:
+        """Eval batch `index` (this process's rows); rows past the end of the split are empty and masked."""
+        sl = local_rows(self.batch_size, process_index, process_count, rows)
+        row_ids = index * self.batch_size + np.arange(sl.start, sl.stop)
+        row_ids[row_ids >= self.rows.num_rows] = -1
+        return gather(self.stream.tokens, self.rows, row_ids, self.pad_id, self.scored, self.weights)
+
+    def batches(self, process_index=None, process_count=None, *, rows: slice | None = None) -> Iterator[dict]:
+        """Every row once, in order."""
+        for i in range(self.num_batches):
+            yield self.batch(i, process_index, process_count, rows=rows)
+
+
+def eval_windows(
+    docs: Documents,
+    tokenizer: Tokenizer,
+    options: DataConfig = DataConfig(),
+    *,
+    seq_len: int,
+    batch_size: int,
+    stride: int = 0,
+) -> EvalData:
+    """EvalData of `docs` (packing, add_bos, add_eos from `options`): build_rows' rows, or with `stride`
+    sliding windows spanning the whole stream (concat; attention crosses documents, as in concat training)
+    or one document each (packed)."""
+    stream = tokenize(docs, tokenizer, add_bos=options.add_bos, add_eos=options.add_eos)
+    if stride:
+        ds = stream.doc_starts
+        if options.packing == "packed":
+            starts, ends = ds[:-1], ds[1:]
+        else:
+            starts, ends = np.array([0]), np.array([len(stream.tokens)])
+        rows = window_layout(starts, ends, seq_len, stride)
+    else:
+        rows = build_rows(stream, seq_len, options.packing)
+    ev = EvalData(stream, rows, tokenizer, batch_size=batch_size)
+    if ev.num_tokens == 0 or ev.num_bytes == 0:
+        raise DataError(f"{docs.name} has no text to score (empty, or shorter than two tokens).")
+    return ev
+
+
+def text_file_documents(path: str) -> Documents:
+    """A UTF-8 text file as one document."""
+    full = os.path.expanduser(path)
+    if not os.path.isfile(full):
+        raise DataError(f"text file {path} does not exist (relative paths start at {os.getcwd()}).")
+    with open(full, encoding="utf-8") as f:
+        return Documents.from_texts([f.read()], name=f"file {path}")

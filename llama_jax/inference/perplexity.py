@@ -1,0 +1,169 @@
+"""Held-out evaluation: every target token scored once; loss, perplexity and bits-per-byte.
+
+bits/byte = (total NLL in nats) / (UTF-8 bytes of the scored text * ln 2). Unlike per-token loss it does
+not depend on the tokenizer, so byte-level and BPE models are compared on one scale.
+
+Which tokens are scored, and the bytes they carry, are llama_jax.data's conventions (its docstring, "Held-out
+eval"): documents are tokenized `[BOS] ids [EOS]`, every stream token is a target except the first of the
+stream (concat) or of each document (packed), BOS targets are never scored, and a document's UTF-8 bytes
+sit on its last token. So with BOS/EOS and the byte tokenizer a text of n bytes scores n + 1 tokens (its
+bytes and the EOS) and carries exactly n bytes.
+
+Sliding windows (`--stride`): llama_jax/data/eval_data.py.
+
+    model_config, params, tokenizer, config = load_workdir(DIR, mesh)
+    data = eval_windows(docs, tokenizer, seq_len=2048, batch_size=8, stride=512)
+    perplexity(params, model_config, data, mesh=mesh, rules=rules)  # {"loss", "perplexity", ...}
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import checkpoint, sharding
+from llama_jax.data import DataConfig, documents_for_role, eval_windows, text_file_documents
+from llama_jax.errors import ConfigError, DataError
+from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
+from llama_jax.model import Llama, ModelConfig, batch_loss_sums
+
+
+def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[str, float]:
+    """Run `eval_step` over `batches` (this process's rows of every eval batch, in order).
+
+    eval_step: (params, global batch) -> {"nll_sum", "tokens"}; shard_batch: local batch -> global batch;
+    num_bytes: UTF-8 bytes of the text the scored targets encode.
+    """
+    # Per-batch sums stay on device until the end (no host sync per batch), then add up in float64 on the
+    # host: an f32 running sum would lose token counts past 2**24 and bits of the loss on big splits.
+    per_batch = [eval_step(params, shard_batch(batch)) for batch in batches]
+    per_batch = jax.device_get(per_batch)
+    nll = float(np.sum([s["nll_sum"] for s in per_batch], dtype=np.float64))
+    tokens = float(np.sum([s["tokens"] for s in per_batch], dtype=np.float64))
+    if tokens == 0:
+        raise DataError("the evaluation split has no target tokens; check config.data.eval_split.")
+    loss = nll / tokens
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": math.exp(loss),
+        "eval/bits_per_byte": nll / (num_bytes * math.log(2)),
+        "eval/tokens": tokens,
+        "eval/bytes": float(num_bytes),
+    }
+
+
+# ---------------------------------------------------------------------- scoring a model
+def make_eval_step(model_config: ModelConfig, mesh: Mesh, rules: sharding.RuleSet):
+    """The pure eval step: (params, batch) -> {"nll_sum", "tokens"}, summed over the global batch.
+
+    Sums rather than means so that an eval loop can add batches of any size and divide once.
+    """
+    model = Llama(model_config)
+
+    def eval_step(params, batch):
+        with sharding.activation_context(mesh, rules.activations):
+            sums = batch_loss_sums(model, params, batch)
+        return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+
+    return eval_step
+
+
+def jit_eval_step(model_config: ModelConfig, mesh: Mesh, rules: sharding.RuleSet, param_shardings):
+    """`make_eval_step` jitted for params placed by `param_shardings` and batches split over the mesh's
+    data x fsdp axes (TrainProgram.eval_step, and what `perplexity` runs)."""
+    return jax.jit(
+        make_eval_step(model_config, mesh, rules),
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def perplexity(params, model_config: ModelConfig, eval_data, *, mesh: Mesh, rules: sharding.RuleSet) -> dict:
+    """Score `eval_data` (a data.EvalData) with params placed on `mesh`.
+
+    Returns {"loss" (nats per scored token), "perplexity", "bits_per_byte", "tokens", "bytes"}.
+    """
+    sharding.check_batch_fits_mesh(eval_data.batch_size, 1, mesh)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    eval_step = jit_eval_step(model_config, mesh, rules, param_shardings)
+    rows = sharding.process_batch_slice(mesh, eval_data.batch_size)
+    result = evaluate(
+        eval_step,
+        lambda b: sharding.shard_batch(b, mesh),
+        params,
+        eval_data.batches(rows=rows),
+        eval_data.num_bytes,
+    )
+    out = {k.removeprefix("eval/"): v for k, v in result.items()}
+    # The exact host-side counts (evaluate's are f32 sums, exact only up to 2**24).
+    out["tokens"], out["bytes"] = int(eval_data.num_tokens), int(eval_data.num_bytes)
+    return out
+
+
+# ---------------------------------------------------------------------- a workdir on a dataset or a file
+DEFAULT_MAX_SEQ_LEN = 2048  # the window when neither --seq_len nor the workdir's config gives one
+
+
+def workdir_data_config(
+    experiment: dict, tokenizer, overrides: dict | None = None, split: str | None = None
+) -> DataConfig:
+    """The data config to evaluate on: the workdir's config.data <- `overrides` (flat "FIELD" or
+    "data.FIELD" keys) <- `split` (the TFDS eval_split). An imported workdir has no data config; it gets
+    DataConfig's defaults, with BOS/EOS only where its tokenizer has them."""
+    if "data" in experiment:
+        d = dict(experiment["data"])
+    else:
+        d = {"add_bos": tokenizer.bos_id is not None, "add_eos": tokenizer.eos_id is not None}
+    d.update({k.removeprefix("data."): v for k, v in (overrides or {}).items()})
+    if split:
+        if d.get("train_files"):
+            raise DataError(
+                "split (--split) names a TFDS split, but this data config reads local files (data.train_files); "
+                "use a text file or data.eval_files instead."
+            )
+        d["eval_split"] = split
+    return DataConfig.from_dict(d)
+
+
+def evaluate_workdir(
+    workdir_path,
+    *,
+    text_file: str | None = None,
+    split: str | None = None,
+    data_overrides: dict | None = None,
+    seq_len: int = 0,
+    stride: int = 0,
+    batch_size: int = 0,
+    step: int | None = None,
+    mesh: Mesh | None = None,
+) -> dict:
+    """Loss, perplexity and bits/byte of a workdir's model (what `experiments.eval_ppl` prints).
+
+    Data: `text_file` (one document), else the held-out split of the workdir's config.data (with
+    `data_overrides` and `split` applied; see workdir_data_config). seq_len 0: the workdir's seq_len, else
+    min(max_seq_len, 2048). batch_size 0: the workdir's eval batch size (else one row per batch shard),
+    rounded up to a multiple of the mesh's data*fsdp. mesh: default all devices, data parallel.
+    """
+    docs = text_file_documents(text_file) if text_file else None  # a missing file fails before any loading
+    mesh = inference_mesh(data=-1) if mesh is None else mesh
+    model_config, params, tokenizer, experiment = load_workdir(workdir_path, mesh, step=step)
+    d = workdir_data_config(experiment, tokenizer, data_overrides, split)
+    seq_len = seq_len or int(experiment.get("seq_len", 0)) or min(model_config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    if seq_len > model_config.max_seq_len:
+        raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}.")
+    shards = sharding.batch_shards(mesh)
+    if not batch_size:
+        batch_size = int(d.eval_batch_size or experiment.get("batch_size", 0) or shards)
+        batch_size = -(-batch_size // shards) * shards
+    docs = docs or documents_for_role(d, "eval")
+    eval_data = eval_windows(docs, tokenizer, d, seq_len=seq_len, batch_size=batch_size, stride=stride)
+    result = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment))
+    result.update(
+        data=docs.name, seq_len=seq_len, stride=stride, packing=d.packing, batch_size=batch_size,
+        step=checkpoint.latest_step(workdir_path) if step is None else step,
+    )
+    return result

@@ -1,0 +1,36 @@
+"""The LLaMA model: pure Flax, no mesh, no I/O. Modules in reading order:
+
+config -> linear -> norm -> rope -> attention -> mlp -> block -> transformer; params (the pytree and its
+layouts); loss (token-weighted cross-entropy sums).
+"""
+
+from llama_jax.model.config import PRESETS, ModelConfig, preset
+from llama_jax.model.loss import batch_loss_sums, loss_sums, target_mask
+from llama_jax.model.params import (
+    count_params,
+    init_params,
+    param_shapes,
+    path_str,
+    stack_layers,
+    to_layout,
+    unstack_layers,
+)
+from llama_jax.model.transformer import KVCache, Llama
+
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "Llama",
+    "ModelConfig",
+    "batch_loss_sums",
+    "count_params",
+    "init_params",
+    "loss_sums",
+    "param_shapes",
+    "path_str",
+    "preset",
+    "stack_layers",
+    "target_mask",
+    "to_layout",
+    "unstack_layers",
+]

@@ -1,0 +1,598 @@
+"""Import and export Hugging Face `LlamaForCausalLM` checkpoints (config.json + safetensors).
+
+    config, params = load_hf_llama("path/to/Llama-3.2-1B")          # -> ModelConfig, params pytree
+    save_hf_llama(config, params, "path/to/out")                      # -> transformers-loadable dir
+    import_to_workdir(hf_dir, workdir) / export_from_workdir(workdir, hf_dir)   # what convert_hf runs
+
+Weight layout. HF stores every projection as a torch Linear weight `[out, in]`; ours are Flax kernels
+`[in..., out...]` that keep the head axes (see llama_jax.model.linear), so a conversion is a transpose plus a
+reshape and nothing else (bit-exact both ways):
+
+    q_proj.weight [H*hd, D]   <->  attn/q_proj/kernel [D, H, hd]     (k/v: KV instead of H)
+    o_proj.weight [D, H*hd]   <->  attn/o_proj/kernel [H, hd, D]
+    {gate,up}_proj.weight [F, D], down_proj.weight [D, F]  <->  kernels [D, F], [F, D]
+    lm_head.weight [V, D]     <->  lm_head/kernel [D, V]; embed_tokens.weight [V, D] is the same array.
+
+RoPE needs no permutation: HF checkpoints use the half-split rotation (dimension i pairs with
+i + head_dim/2; HF's conversion script already permuted Meta's interleaved q/k rows into it), and so does
+llama_jax.model.rope. This module therefore expects HF-format weights, not Meta's original `consolidated.*.pth`.
+
+Only what the model can represent exactly is accepted: `model_type` "llama", SiLU (SwiGLU) MLP, RMSNorm,
+rope_type "default" or "llama3", and `attention_bias == mlp_bias` (the model has one `use_bias` flag that
+covers every projection). Anything else raises HFImportError / HFExportError naming the file, the key and
+the fix, rather than producing a model that silently computes something else.
+
+Both config.json dialects are read: transformers v4 (`rope_theta` plus `rope_scaling`) and v5
+(`rope_parameters` holding rope_theta and rope_type). Export writes both, so the directory loads the same
+in transformers 4.x and 5.x.
+
+Outputs are built in a temporary directory beside the target and renamed into place at the end, so an
+interrupted or failed conversion never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llama_jax import checkpoint, model
+from llama_jax.errors import ConfigError, HFExportError, HFImportError
+from llama_jax.model import ModelConfig
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tokenizer files copied between an HF directory and a workdir's tokenizer/ (whichever exist).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# HF config entries that say nothing about the network but that generation needs; carried through a workdir.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# transformers' own default shard size for save_pretrained in 4.x; big enough that 1B models are one file.
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Non-parameter buffers some older checkpoints saved; they are recomputed from the config, so skip them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# HF defaults (LlamaConfig) for keys a config.json may leave out.
+_HF_DEFAULT_RMS_EPS = 1e-6
+_HF_DEFAULT_MAX_POSITIONS = 2048
+_HF_DEFAULT_ROPE_THETA = 10000.0
+
+
+# ---------------------------------------------------------------------- config
+def _rope_from_hf(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig rope fields from either config.json dialect (v5 `rope_parameters`, v4 `rope_scaling`)."""
+    params = hf.get("rope_parameters")
+    legacy = hf.get("rope_scaling")
+    if params and legacy and _rope_key(params) != _rope_key(legacy):
+        # Ambiguous: transformers 5 would silently prefer rope_scaling, transformers 4 ignores rope_parameters.
+        raise HFImportError(
+            f"{where}: rope_parameters {params} and rope_scaling {legacy} disagree; "
+            "keep one of them (transformers 5 writes rope_parameters)."
+        )
+    rope = dict(params or legacy or {})
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", _HF_DEFAULT_ROPE_THETA)))
+    rope_type = _rope_type(rope)
+    if rope_type == "default":
+        return {"rope_theta": rope_theta, "rope_scaling": "none"}
+    if rope_type != "llama3":
+        raise HFImportError(
+            f"{where}: rope_type {rope_type!r} is not supported; llama_jax implements 'default' and 'llama3' "
+            "(Llama 3.1+) RoPE only. Convert a checkpoint trained with one of those."
+        )
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rope]
+    if missing:
+        raise HFImportError(f"{where}: llama3 rope scaling is missing {missing}; add them to the rope dict.")
+    # transformers' default for original_max_position_embeddings is the model's max_position_embeddings.
+    original = rope.get(
+        "original_max_position_embeddings", hf.get("max_position_embeddings", _HF_DEFAULT_MAX_POSITIONS)
+    )
+    return {
+        "rope_theta": rope_theta,
+        "rope_scaling": "llama3",
+        "rope_scaling_factor": float(rope["factor"]),
+        "rope_low_freq_factor": float(rope["low_freq_factor"]),
+        "rope_high_freq_factor": float(rope["high_freq_factor"]),
+        "rope_original_max_position": int(original),
+    }
+
+
+def _rope_type(rope: Mapping[str, Any]) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _rope_key(rope: Mapping[str, Any]) -> dict[str, Any]:
+    """A rope dict made comparable across dialects: one type key, and rope_theta (often top-level) left out."""
+    return {k: v for k, v in rope.items() if k not in ("type", "rope_type", "rope_theta")} | {
+        "rope_type": _rope_type(rope)
+    }
+
+
+def config_from_hf(hf: Mapping[str, Any], *, where: str = CONFIG_FILE) -> ModelConfig:
+    """The ModelConfig an HF Llama config.json describes; raises HFImportError for what it cannot represent.
+
+    `where` names the file in error messages.
+    """
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        raise HFImportError(
+            f"{where}: model_type is {model_type!r}, but only 'llama' checkpoints can be imported "
+            "(LlamaForCausalLM); other architectures differ in ways this model does not implement."
+        )
+    if hf.get("quantization_config"):
+        raise HFImportError(f"{where}: quantized checkpoints are not supported; use the unquantized weights.")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers maps both names to torch's SiLU
+        raise HFImportError(
+            f"{where}: hidden_act={act!r}; the model implements LLaMA's SwiGLU MLP, which needs 'silu'."
+        )
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attention_bias != mlp_bias:
+        raise HFImportError(
+            f"{where}: attention_bias={attention_bias} but mlp_bias={mlp_bias}; the model has one use_bias flag "
+            "for every projection, so both must be equal."
+        )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise HFImportError(f"{where}: missing {missing}; a Llama config.json must set them.")
+    num_heads = int(hf["num_attention_heads"])
+    try:
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or 0),
+            ffn_dim=int(hf["intermediate_size"]),
+            max_seq_len=int(hf.get("max_position_embeddings", _HF_DEFAULT_MAX_POSITIONS)),
+            norm="rmsnorm",
+            norm_eps=float(hf.get("rms_norm_eps", _HF_DEFAULT_RMS_EPS)),
+            mlp_activation="swiglu",
+            position="rope",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            use_bias=attention_bias,
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            **_rope_from_hf(hf, where),
+        )
+    except ConfigError as e:
+        raise HFImportError(f"{where}: {e}") from e
+
+
+def config_to_hf(
+    config: ModelConfig, *, dtype: str = "float32", extra: Mapping[str, Any] | None = None
+) -> dict:
+    """An HF config.json dict for `config`; raises HFExportError if HF's LlamaForCausalLM cannot express it."""
+    unsupported = {
+        "norm": (config.norm, "rmsnorm"),
+        "mlp_activation": (config.mlp_activation, "swiglu"),
+        "position": (config.position, "rope"),
+        "qk_norm": (config.qk_norm, False),
+        "parallel_block": (config.parallel_block, False),
+    }
+    bad = [
+        f"model.{k}={got!r} (HF Llama needs {want!r})"
+        for k, (got, want) in unsupported.items()
+        if got != want
+    ]
+    if bad:
+        raise HFExportError(
+            f"this model cannot be written as an HF Llama checkpoint: {', '.join(bad)}. Only LLaMA-architecture "
+            "models export; keep the workdir format for the others."
+        )
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": config.rope_scaling_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_position,
+        }
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": config.use_bias,
+        "mlp_bias": config.use_bias,
+        "attention_dropout": 0.0,
+        "initializer_range": config.initializer_range,
+        "use_cache": True,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling. Write both.
+        "rope_parameters": rope,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": (
+            {k: v for k, v in rope.items() if k != "rope_theta"} if config.rope_scaling == "llama3" else None
+        ),
+        "dtype": dtype,
+        # Otherwise LlamaConfig's defaults (bos 1, eos 2) apply, which are wrong for most tokenizers.
+        **{k: None for k in TOKEN_ID_KEYS},
+    }
+    hf.update(extra or {})
+    return hf
+
+
+# ---------------------------------------------------------------------- weights
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One HF tensor and the param it becomes.
+
+    `linear` marks a torch Linear weight: HF `[out, in]` equals our kernel reshaped to `[in, out]` and
+    transposed, where `in`/`out` flatten the kernel's leading/trailing axes (row-major, so head axes
+    flatten exactly as HF's `view(..., heads, head_dim)` does). Other tensors only reshape.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    linear: bool = False
+
+    def to_ours(self, w: np.ndarray) -> np.ndarray:
+        return (w.T if self.linear else w).reshape(self.shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.linear:
+            out_features, in_features = self.hf_shape
+            return np.ascontiguousarray(x.reshape(in_features, out_features).T)  # [out, in]
+        return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+
+def _linear(hf_name: str, path: tuple[str, ...], out_shape, in_shape, bias: bool) -> list[_Tensor]:
+    """A Linear: kernel [*in_shape, *out_shape] <-> weight [prod(out), prod(in)], bias [*out] <-> [prod(out)]."""
+    n_out, n_in = math.prod(out_shape), math.prod(in_shape)
+    t = [_Tensor(f"{hf_name}.weight", (*path, "kernel"), (n_out, n_in), (*in_shape, *out_shape), linear=True)]
+    if bias:
+        t.append(_Tensor(f"{hf_name}.bias", (*path, "bias"), (n_out,), tuple(out_shape)))
+    return t
+
+
+def _tensor_specs(cfg: ModelConfig) -> list[_Tensor]:
+    """Every tensor of an HF LlamaForCausalLM with `cfg`, in HF's state_dict order."""
+    d, h, kv, hd, f, v = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    b = cfg.use_bias
+    specs = [_Tensor("model.embed_tokens.weight", ("embed", "embedding"), (v, d), (v, d))]
+    for i in range(cfg.num_layers):
+        hf_p, p = f"model.layers.{i}", f"layers_{i}"
+        specs += _linear(f"{hf_p}.self_attn.q_proj", (p, "attn", "q_proj"), (h, hd), (d,), b)
+        specs += _linear(f"{hf_p}.self_attn.k_proj", (p, "attn", "k_proj"), (kv, hd), (d,), b)
+        specs += _linear(f"{hf_p}.self_attn.v_proj", (p, "attn", "v_proj"), (kv, hd), (d,), b)
+        specs += _linear(f"{hf_p}.self_attn.o_proj", (p, "attn", "o_proj"), (d,), (h, hd), b)
+        specs += _linear(f"{hf_p}.mlp.gate_proj", (p, "mlp", "gate_proj"), (f,), (d,), b)
+        specs += _linear(f"{hf_p}.mlp.up_proj", (p, "mlp", "up_proj"), (f,), (d,), b)
+        specs += _linear(f"{hf_p}.mlp.down_proj", (p, "mlp", "down_proj"), (d,), (f,), b)
+        specs.append(_Tensor(f"{hf_p}.input_layernorm.weight", (p, "attn_norm", "scale"), (d,), (d,)))
+        specs.append(_Tensor(f"{hf_p}.post_attention_layernorm.weight", (p, "mlp_norm", "scale"), (d,), (d,)))
+    specs.append(_Tensor("model.norm.weight", ("final_norm", "scale"), (d,), (d,)))
+    if not cfg.tie_embeddings:
+        specs.append(_Tensor("lm_head.weight", ("lm_head", "kernel"), (v, d), (d, v), linear=True))
+    return specs
+
+
+def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """tensor name -> the safetensors file holding it, from the index json or the single file's header."""
+    index = hf_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise HFImportError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
+        files = {name: hf_dir / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.exists():
+                raise HFImportError(f"{index} lists shard {path.name}, which is missing from {hf_dir}.")
+        return files
+    single = hf_dir / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="np") as f:
+            return {name: single for name in f.keys()}
+    others = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pth"))
+    hint = (
+        f" Found {others}: re-save them as safetensors (LlamaForCausalLM.from_pretrained(dir)"
+        ".save_pretrained(out)) first."
+        if others
+        else ""
+    )
+    raise HFImportError(f"no {SINGLE_FILE} or {INDEX_FILE} in {hf_dir}.{hint}")
+
+
+# safetensors header dtypes that import, and their numpy names.
+_FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def _storage_dtype(dtypes: set[str], requested: str | None) -> str:
+    """The params' dtype: the requested one, else the checkpoint's if uniform and supported, else float32."""
+    if requested is not None:
+        return str(jnp.dtype(requested))
+    if len(dtypes) == 1 and dtypes <= {"float32", "bfloat16", "float16"}:
+        return next(iter(dtypes))
+    return "float32"
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def load_hf_llama(hf_dir, *, scan_layers: bool = False, dtype: str | None = None):
+    """Read an HF Llama checkpoint dir -> (ModelConfig, params).
+
+    dtype: the params' storage dtype ("float32", "bfloat16", ...); None keeps the checkpoint's own dtype
+    (float32 if its tensors mix dtypes). The returned config's `param_dtype` says which; its compute
+    `dtype` is left at float32 (`config.replace(dtype="bfloat16")` for bf16 compute).
+    scan_layers: return the stacked `layers/...` layout (and a config with scan_layers=True).
+    """
+    hf_dir = pathlib.Path(hf_dir)
+    config_path = hf_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise HFImportError(f"{config_path} does not exist; point --hf_dir at an HF model directory.")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFImportError(f"{config_path} is not valid JSON: {e}") from e
+    cfg = config_from_hf(hf_config, where=str(config_path))
+    specs = _tensor_specs(cfg)
+    files = _weight_files(hf_dir)
+
+    expected = {s.hf_name for s in specs}
+    tied_head = cfg.tie_embeddings and "lm_head.weight" in files
+    unknown = sorted(
+        n
+        for n in files
+        if n not in expected
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (tied_head and n == "lm_head.weight")
+    )
+    if unknown:
+        shown = ", ".join(f"{n} ({files[n].name})" for n in unknown[:5]) + (
+            " ..." if len(unknown) > 5 else ""
+        )
+        raise HFImportError(
+            f"{hf_dir}: {len(unknown)} tensor(s) that a Llama with {config_path.name}'s settings does not have: "
+            f"{shown}. The checkpoint is not a plain LlamaForCausalLM, or config.json does not match it."
+        )
+    missing = [s for s in specs if s.hf_name not in files]
+    if missing:
+        # With no index, every tensor would be in the single file; name it so the user knows where we looked.
+        where = hf_dir / (INDEX_FILE if (hf_dir / INDEX_FILE).exists() else SINGLE_FILE)
+        names = ", ".join(s.hf_name for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise HFImportError(
+            f"{where}: missing weight(s) {names} ({len(missing)} in all) that {config_path} implies; "
+            "the checkpoint is incomplete or config.json does not describe it."
+        )
+
+    by_file: dict[pathlib.Path, list[_Tensor]] = {}
+    for s in specs:
+        by_file.setdefault(files[s.hf_name], []).append(s)
+
+    # Pass 1, headers only: shapes and dtypes are checked before any tensor is read.
+    stored_dtypes = set()
+    for path, file_specs in by_file.items():
+        with safe_open(path, framework="np") as f:
+            present = set(f.keys())
+            for s in file_specs:
+                if s.hf_name not in present:
+                    raise HFImportError(
+                        f"{path}: weight {s.hf_name} is listed in {INDEX_FILE} but not in the file."
+                    )
+                info = f.get_slice(s.hf_name)
+                shape = tuple(info.get_shape())
+                if shape != s.hf_shape:
+                    raise HFImportError(
+                        f"{path}: weight {s.hf_name} has shape {shape}, but {config_path} implies {s.hf_shape}; "
+                        "config.json does not match the weights."
+                    )
+                if info.get_dtype() not in _FLOAT_DTYPES:
+                    raise HFImportError(
+                        f"{path}: weight {s.hf_name} has dtype {info.get_dtype()}; only unquantized float weights "
+                        f"({sorted(_FLOAT_DTYPES)}) import."
+                    )
+                stored_dtypes.add(_FLOAT_DTYPES[info.get_dtype()])
+    param_dtype = _storage_dtype(stored_dtypes, dtype)
+    cfg = cfg.replace(param_dtype=param_dtype, scan_layers=scan_layers)
+
+    # Pass 2: one tensor at a time, read -> transpose/reshape -> cast -> jax array, so host memory peaks at
+    # about one model in the target dtype plus one tensor (this matters at 8B+).
+    params: dict = {}
+    for path, file_specs in by_file.items():
+        with safe_open(path, framework="np") as f:
+            for s in file_specs:
+                w = s.to_ours(f.get_tensor(s.hf_name)).astype(jnp.dtype(param_dtype))
+                _set(params, s.path, jnp.asarray(w))
+    if tied_head:
+        # Some tied checkpoints store the head anyway; accept it only if it really is the embedding.
+        with safe_open(files["lm_head.weight"], framework="np") as f:
+            head = f.get_tensor("lm_head.weight")
+        with safe_open(files["model.embed_tokens.weight"], framework="np") as f:
+            same = np.array_equal(head, f.get_tensor("model.embed_tokens.weight"))
+        if not same:
+            raise HFImportError(
+                f"{files['lm_head.weight']}: tie_word_embeddings is true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings to false in config.json to keep both."
+            )
+    return cfg, model.to_layout(params, cfg)
+
+
+# ---------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _atomic_dir(out_dir, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yield a fresh temp dir beside `out_dir`; on success it replaces `out_dir`, on error it is deleted.
+
+    The temp dir is a sibling so the final rename stays on one filesystem (atomic, no copy).
+    """
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise HFExportError(f"{out_dir} exists and is not a directory; choose another output path.")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise HFExportError(
+                f"{out_dir} exists and is not empty; choose a new directory or pass overwrite=True."
+            )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            # Move the old directory aside first, so a failure here still leaves one complete copy.
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / "d")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_hf_files(
+    directory: pathlib.Path, config: ModelConfig, params, dtype: str, max_shard_bytes: int, extra_config=None
+) -> None:
+    """Write config.json and the safetensors shard(s) (+ index json when sharded) into `directory`."""
+    target = np.dtype(jnp.dtype(dtype))
+    hf_config = config_to_hf(config, dtype=str(jnp.dtype(dtype)), extra=extra_config)
+    specs = _tensor_specs(config)
+    params = model.unstack_layers(params)
+    for s in specs:
+        try:
+            leaf = _get(params, s.path)
+        except (KeyError, TypeError) as e:
+            raise HFExportError(
+                f"params have no {'/'.join(s.path)}, which a model with this config needs; "
+                "pass the params that belong to this config."
+            ) from e
+        if tuple(leaf.shape) != s.shape:
+            raise HFExportError(
+                f"param {'/'.join(s.path)} has shape {tuple(leaf.shape)}, the config implies {s.shape}."
+            )
+
+    # Group tensors into shards by byte size (computed from shapes, so nothing is materialised early).
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for s in specs:
+        nbytes = math.prod(s.hf_shape) * target.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += nbytes
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for fname, shard in zip(names, shards):
+        tensors = {
+            s.hf_name: s.to_hf(np.asarray(jax.device_get(_get(params, s.path))).astype(target)) for s in shard
+        }
+        save_file(tensors, directory / fname, metadata={"format": "pt"})  # transformers requires "pt"
+        del tensors
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(math.prod(s.hf_shape) * target.itemsize for s in specs)},
+            "weight_map": {s.hf_name: fname for fname, shard in zip(names, shards) for s in shard},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+
+
+def save_hf_llama(
+    config: ModelConfig,
+    params,
+    out_dir,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Write `params` as an HF LlamaForCausalLM checkpoint dir (config.json + safetensors).
+
+    Either param layout (scanned or not) is accepted. Weights are cast to `dtype`. Checkpoints over
+    `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` with an index json, as
+    transformers does. `extra_config` entries (e.g. token ids) are merged into config.json.
+    Refuses a non-empty `out_dir` unless `overwrite`; nothing is visible at `out_dir` until all is written.
+    """
+    with _atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        _write_hf_files(tmp, config, params, dtype, max_shard_bytes, extra_config)
+
+
+# ---------------------------------------------------------------------- workdirs
+def _copy_tokenizer_files(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def import_to_workdir(hf_dir, workdir, *, scan_layers: bool = False, dtype: str | None = None) -> ModelConfig:
+    """Create a llama_jax workdir from an HF checkpoint: config.json, params at step 0, tokenizer files.
+
+    The workdir's config.json is minimal: {"model": ModelConfig dict, "source": {hf_dir, token ids}};
+    training merges its own full config over it. Refuses an existing non-empty workdir.
+    """
+    hf_dir = pathlib.Path(hf_dir).absolute()
+    workdir = pathlib.Path(workdir).absolute()
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise HFImportError(f"workdir {workdir} exists and is not empty; choose a new --workdir.")
+    cfg, params = load_hf_llama(hf_dir, scan_layers=scan_layers, dtype=dtype)
+    hf_config = json.loads((hf_dir / CONFIG_FILE).read_text())
+    source = {"hf_dir": str(hf_dir), **{k: hf_config[k] for k in TOKEN_ID_KEYS if k in hf_config}}
+    with _atomic_dir(workdir) as tmp:
+        checkpoint.write_config(tmp, {"model": cfg.to_dict(), "source": source})
+        checkpoint.save_params(tmp, params, step=0)
+        _copy_tokenizer_files(hf_dir, pathlib.Path(checkpoint.tokenizer_dir(tmp)))
+    return cfg
+
+
+def export_from_workdir(workdir, hf_dir, *, dtype: str | None = None, step: int | None = None) -> ModelConfig:
+    """Write a workdir's params (latest step, or `step`) as an HF checkpoint dir, with its tokenizer files.
+
+    dtype: the saved weights' dtype; None keeps the workdir's `param_dtype`. Refuses a non-empty `hf_dir`.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    hf_dir = pathlib.Path(hf_dir).absolute()
+    if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())):
+        raise HFExportError(f"{hf_dir} exists and is not empty; choose a new --hf_dir.")
+    cfg = checkpoint.read_model_config(workdir)
+    source = checkpoint.read_config(workdir).get("source", {})
+    extra = {k: source[k] for k in TOKEN_ID_KEYS if k in source}
+    config_to_hf(cfg)  # fail on an unexportable architecture before reading any weights
+    params = checkpoint.restore_params(workdir, model.param_shapes(cfg), step=step)
+    with _atomic_dir(hf_dir) as tmp:
+        _write_hf_files(tmp, cfg, params, dtype or cfg.param_dtype, DEFAULT_MAX_SHARD_BYTES, extra)
+        _copy_tokenizer_files(pathlib.Path(checkpoint.tokenizer_dir(workdir)), tmp)
+    return cfg

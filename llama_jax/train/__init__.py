@@ -1,0 +1,29 @@
+"""Training: optimizer, the pure train step, the jitted program, hooks and the loop, metrics."""
+
+from llama_jax.train.hooks import Hook, Run, SkipGuard, check_skips
+from llama_jax.train.loop import LoopConfig, summarize, train
+from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics
+from llama_jax.train.optim import OptimizerConfig, decay_mask_fn, learning_rate, make_optimizer, make_schedule
+from llama_jax.train.program import TrainProgram
+from llama_jax.train.step import TrainState, make_train_step
+
+__all__ = [
+    "Hook",
+    "LoopConfig",
+    "MetricWriter",
+    "OptimizerConfig",
+    "Run",
+    "SkipGuard",
+    "TrainProgram",
+    "TrainState",
+    "check_skips",
+    "decay_mask_fn",
+    "learning_rate",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "peak_flops",
+    "read_metrics",
+    "summarize",
+    "train",
+]

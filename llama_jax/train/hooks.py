@@ -1,0 +1,276 @@
+"""Periodic work around the train step, each piece a hook with its own cadence.
+
+The loop (loop.py) only steps and calls `hook(run)` for every hook whose `due(run)` is true; a new
+periodic behaviour is a new hook here, not a new `if` in the loop. Hooks run in list order after each
+step: the guard first (a halted run writes nothing more), then profiling, logging, the checkpoint, evaluation
+(after the step's save, so a failure there never loses it), the progress bar, and preemption last.
+
+`Run` is what hooks share: the state after the step, its metrics (device arrays), the step count, the
+clock, and a `stop` flag a hook sets to end the loop after this step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from llama_jax import checkpoint
+from llama_jax.data import EvalData, TrainData
+from llama_jax.errors import TrainingHalted
+from llama_jax.inference.perplexity import evaluate
+from llama_jax.train.metrics import MetricWriter
+from llama_jax.train.program import TrainProgram
+from llama_jax.train.step import TrainState
+
+log = logging.getLogger("llama_jax.train")
+
+
+@dataclasses.dataclass
+class Run:
+    """The state of a training run, shared by the loop and its hooks."""
+
+    program: TrainProgram
+    state: TrainState
+    num_steps: int
+    start: int  # the step the run started (or resumed) at
+    done: int = 0  # steps completed, counting those before a resume
+    metrics: Mapping[str, Any] | None = None  # the last step's metrics, still on device
+    last: dict[str, Any] = dataclasses.field(default_factory=dict)  # the latest logged/evaluated values
+    paused: float = 0.0  # seconds spent in hooks since the last log line (not training time)
+    stop: bool = False  # set by a hook: end the loop after this step
+
+    @property
+    def at_end(self) -> bool:
+        return self.done == self.num_steps
+
+
+class Hook:
+    """Runs every `every` steps and at the last step (every=0: only at the last step)."""
+
+    every: int = 1
+    # Time spent in this hook is excluded from tokens/s (evaluation and checkpoint saves).
+    pauses_clock: bool = False
+
+    def due(self, run: Run) -> bool:
+        return run.at_end or (self.every > 0 and run.done % self.every == 0)
+
+    def on_start(self, run: Run) -> None:
+        """Before the first step."""
+
+    def __call__(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def close(self, run: Run) -> None:
+        """After the loop, also when it ends with an exception."""
+
+
+# ---------------------------------------------------------------------- non-finite guard
+def check_skips(metrics: Mapping[str, Any], max_consecutive_skips: int) -> None:
+    """Raise TrainingHalted when `max_consecutive_skips` (> 0) steps in a row were skipped.
+
+    Reads one scalar from the device, which waits for that step; `SkipGuard` avoids the stall.
+    """
+    n = int(jax.device_get(metrics["consecutive_skips"]))
+    if max_consecutive_skips > 0 and n >= max_consecutive_skips:
+        raise TrainingHalted(
+            f"{n} consecutive train steps had a non-finite loss or gradient (limit max_consecutive_skips="
+            f"{max_consecutive_skips}); their updates were skipped, so params and optimizer state are "
+            "those before the streak. Likely causes: a learning rate too high for this model (lower "
+            "optimizer.lr, lengthen optimizer.warmup_steps, keep optimizer.clip_norm > 0), float16 "
+            "overflow (use bfloat16), or corrupt data. Resume from the last checkpoint after fixing it."
+        )
+
+
+class SkipGuard(Hook):
+    """Every step: `check_skips` on the *previous* step's metrics, so the host never waits for the device.
+    The halt comes one step late; that extra step is harmless (a skipped step changes nothing). At the
+    last step it checks both, so a run never ends on an unnoticed streak."""
+
+    def __init__(self, max_consecutive_skips: int):
+        self.max_consecutive_skips = max_consecutive_skips
+        self._pending = None
+
+    def __call__(self, run: Run) -> None:
+        previous, self._pending = self._pending, run.metrics
+        if previous is not None:
+            check_skips(previous, self.max_consecutive_skips)
+        if run.at_end:
+            check_skips(run.metrics, self.max_consecutive_skips)
+
+
+# ---------------------------------------------------------------------- profiling
+class Profile(Hook):
+    """A jax.profiler trace of steps [start, start + steps) into `directory` (main process only)."""
+
+    def __init__(self, directory: str, start: int, steps: int):
+        self.directory, self.start, self.steps = directory, start, steps
+        self.tracing = False
+
+    def due(self, run: Run) -> bool:
+        return run.done in (self.start, self.start + self.steps) and run.done < run.num_steps
+
+    def on_start(self, run: Run) -> None:
+        if run.start == self.start:
+            self._begin()
+
+    def __call__(self, run: Run) -> None:
+        if not self.tracing and run.done == self.start:
+            self._begin()
+        elif self.tracing:
+            self.close(run)
+
+    def _begin(self) -> None:
+        jax.profiler.start_trace(self.directory)
+        self.tracing = True
+
+    def close(self, run: Run) -> None:
+        if self.tracing:
+            jax.block_until_ready(run.state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
+# ---------------------------------------------------------------------- checkpoints
+class Checkpoint(Hook):
+    """An async save of params, train state and data state every `every` steps and at the end."""
+
+    pauses_clock = True
+
+    def __init__(self, mngr: ocp.CheckpointManager, train_data: TrainData, every: int):
+        self.mngr, self.train_data, self.every = mngr, train_data, every
+
+    def __call__(self, run: Run) -> None:
+        save(self.mngr, run.state, run.done, self.train_data)
+
+    def close(self, run: Run) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, step: int, train_data: TrainData) -> None:
+    rest = {"opt_state": state.opt_state, "step": state.step, "consecutive_skips": state.consecutive_skips}
+    checkpoint.save_train_state(mngr, step, state.params, rest, train_data.state(step))
+
+
+# ---------------------------------------------------------------------- evaluation
+class Evaluate(Hook):
+    """Held-out loss, perplexity and bits/byte every `every` steps and at the end."""
+
+    pauses_clock = True
+
+    def __init__(self, eval_data: EvalData, writer: MetricWriter, every: int):
+        self.eval_data, self.writer, self.every = eval_data, writer, every
+
+    def __call__(self, run: Run) -> None:
+        program = run.program
+        rows = program.process_batch_slice(self.eval_data.batch_size)
+        result = evaluate(
+            program.eval_step, program.shard_batch, run.state.params,
+            self.eval_data.batches(rows=rows), self.eval_data.num_bytes,
+        )
+        self.writer.write(run.done, result)
+        run.last.update(result)
+        message = f"step {run.done}: eval loss {result['eval/loss']:.4f}, bits/byte {result['eval/bits_per_byte']:.4f}"
+        if log.isEnabledFor(logging.INFO):
+            tqdm.write(message, file=sys.stderr)  # above the progress bar, not glued onto it
+
+
+# ---------------------------------------------------------------------- logging
+class Log(Hook):
+    """Train metrics to metrics.jsonl / TensorBoard every `every` steps, with tokens/s and MFU, and the
+    progress bar's postfix. The first interval includes compilation, reported as a user sees it."""
+
+    def __init__(self, writer: MetricWriter, every: int, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float, progress: Progress | None):
+        self.writer, self.every, self.tokens_per_step = writer, every, tokens_per_step
+        self.flops_per_token, self.peak_flops, self.progress = flops_per_token, peak_flops, progress
+        self._since, self._since_step = time.perf_counter(), 0
+
+    def on_start(self, run: Run) -> None:
+        self._since, self._since_step = time.perf_counter(), run.start
+
+    def __call__(self, run: Run) -> None:
+        metrics = jax.device_get(run.metrics)
+        elapsed = max(time.perf_counter() - self._since - run.paused, 1e-9)
+        tps = (run.done - self._since_step) * self.tokens_per_step / elapsed
+        row = {f"train/{k}": v for k, v in metrics.items()}
+        row["train/tokens_per_sec"] = tps
+        row["train/mfu"] = tps * self.flops_per_token / self.peak_flops
+        self.writer.write(run.done, row)
+        run.last.update(row)
+        if self.progress is not None:
+            self.progress.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{tps:,.0f}",
+                                          mfu=f"{row['train/mfu']:.1%}")
+        self._since, self._since_step, run.paused = time.perf_counter(), run.done, 0.0
+
+
+class Progress(Hook):
+    """A tqdm bar over the run's steps (main process); in a log file a line a minute, not a second."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_start(self, run: Run) -> None:
+        interval = 1.0 if sys.stderr.isatty() else 60.0
+        self.bar = tqdm(total=run.num_steps, initial=run.start, desc="train", dynamic_ncols=True,
+                        mininterval=interval)
+
+    def __call__(self, run: Run) -> None:
+        self.bar.update(1)
+
+    def close(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------- preemption
+class Preemption(Hook):
+    """Stop at the end of a step when SIGTERM arrived (single process) or, multi-host, when Orbax's
+    preemption sync point says every host reached it; the step is saved first, and the save waited for."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, train_data: TrainData, workdir: str):
+        self.mngr, self.train_data, self.workdir = mngr, train_data, workdir
+        self.requested = False
+        self._previous = None
+
+    def on_start(self, run: Run) -> None:
+        # Multi-process: jax.distributed's preemption service owns SIGTERM; a Python handler would replace it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
+        self.requested = True
+
+    def due(self, run: Run) -> bool:
+        return not run.at_end
+
+    def __call__(self, run: Run) -> None:
+        reached = bool(self.mngr.reached_preemption(run.done)) if jax.process_count() > 1 else self.requested
+        if not reached:
+            return
+        self.mngr.wait_until_finished()
+        if self.mngr.latest_step() != run.done:
+            save(self.mngr, run.state, run.done, self.train_data)
+            self.mngr.wait_until_finished()
+        log.warning("preempted: saved step %d to %s; re-run the same command to resume.", run.done, self.workdir)
+        run.stop = True
+
+    def close(self, run: Run) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def profile_dir(workdir: str) -> str:
+    return os.path.join(workdir, "profile")

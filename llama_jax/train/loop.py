@@ -1,0 +1,186 @@
+"""The training loop: check the inputs, resume or initialise, then step and run the hooks.
+
+    python -m experiments.train --config=configs/shakespeare.py --workdir=DIR [--config.FIELD=VALUE ...]
+
+Re-running the same command resumes from the newest complete checkpoint in DIR. The batch at step s is a
+pure function of (seed, s, data config), and the checkpoint holds params, optimizer state and step, so a
+resumed run computes bit-identical steps to an uninterrupted one. On SIGTERM (or a TPU preemption notice)
+the loop finishes its step, saves, waits for the save, and returns normally. Everything periodic
+(logging, evaluation, checkpoints, profiling, preemption, the non-finite guard) is a hook (hooks.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llama_jax import checkpoint, distributed
+from llama_jax.data import EvalData, Tokenizer, TrainData, check_vocab
+from llama_jax.data.tokenizer import training_tokenizer
+from llama_jax.sections import Section
+from llama_jax.train import hooks
+from llama_jax.train.metrics import MetricWriter, peak_flops, truncate_metrics
+from llama_jax.train.program import TrainProgram
+
+if TYPE_CHECKING:  # experiment.py builds on train/, so train/ never imports it at run time
+    from llama_jax.experiment import Experiment
+
+log = logging.getLogger("llama_jax.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig(Section):
+    """The experiment's top-level fields: the run's length, batch, loss options and hook cadences."""
+
+    seed: int = 0
+    num_steps: int = 1000
+    batch_size: int = 16  # global, across all hosts
+    seq_len: int = 128
+    grad_accum_steps: int = 1  # microbatches per step (lax.scan); batch_size is the global batch per update
+    z_loss: float = 0.0  # coefficient of PaLM's z-loss, mean over targets of logsumexp(logits)^2; 1e-4 is typical
+    max_consecutive_skips: int = 5  # halt after this many non-finite (skipped) steps in a row; 0 never halts
+    log_every: int = 10
+    eval_every: int = 200  # 0: no evaluation during training
+    checkpoint_every: int = 200  # 0: save only at the end
+    keep_checkpoints: int = 3  # 0: keep all
+    keep_period: int = 0  # also keep every N-th step permanently; 0 disables
+    init_from: str = ""  # workdir whose params start a fine-tune (fresh optimizer)
+    allow_config_change: bool = False  # resume a workdir even though its config.json differs (diff is shown)
+    profile_start: int = 10  # first step of a jax.profiler trace (written to WORKDIR/profile)
+    profile_steps: int = 0  # number of steps to trace; 0 = no trace
+
+    def __post_init__(self):
+        for name in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
+            v = getattr(self, name)
+            self._check(v > 0, f"{name}={v} must be a positive integer.")
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "keep_period", "max_consecutive_skips",
+                     "profile_start", "profile_steps"):
+            v = getattr(self, name)
+            self._check(v >= 0, f"{name}={v} must be >= 0.")
+        self._check(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0.")
+
+
+def train(exp: Experiment, workdir: str) -> dict[str, Any]:
+    """Train `exp` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
+    distributed.maybe_initialize_distributed()
+    distributed.quiet_non_main_processes()
+    workdir = os.fspath(workdir)
+    loop = exp.loop
+    resume_step = _check_workdir(exp, workdir)
+    # Everything that can be wrong with the input is checked before anything compiles or is written.
+    tokenizer = training_tokenizer(exp.data, checkpoint.tokenizer_dir(workdir),
+                                   is_main_process=distributed.is_main_process())
+    check_vocab(tokenizer, exp.model.vocab_size)
+    program = TrainProgram.from_experiment(exp)
+    train_data = TrainData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=loop.batch_size,
+                                       seed=loop.seed)
+    eval_data = None
+    if loop.eval_every:
+        eval_data = EvalData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=exp.eval_batch_size)
+    _write_workdir(exp, workdir, tokenizer)
+    mngr = checkpoint.manager(workdir, max_to_keep=loop.keep_checkpoints or None,
+                              keep_period=loop.keep_period or None, enable_async_checkpointing=True)
+    state = _initial_state(exp, program, mngr, train_data, resume_step, workdir)
+    run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
+    run.done = run.start
+    writer = MetricWriter(workdir, enabled=distributed.is_main_process())
+    with contextlib.closing(writer):
+        _loop(run, _hooks(exp, workdir, run, mngr, train_data, eval_data, writer), train_data)
+    return {**run.last, "step": run.done}
+
+
+def _check_workdir(exp: Experiment, workdir: str) -> int | None:
+    """The step to resume from (None: a fresh run), after checking the workdir can be resumed with `exp`."""
+    partial = checkpoint.incomplete_checkpoints(workdir)
+    if partial:
+        log.warning("ignoring incomplete checkpoint(s) %s in %s (a save was interrupted)", partial, workdir)
+    resume_step = checkpoint.latest_step(workdir)
+    if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and resume_step is not None:
+        checkpoint.check_resume_config(workdir, exp.to_dict())
+    return resume_step
+
+
+def _write_workdir(exp: Experiment, workdir: str, tokenizer: Tokenizer) -> None:
+    if distributed.is_main_process():
+        checkpoint.write_config(workdir, exp.to_dict())
+        tokenizer.save(checkpoint.tokenizer_dir(workdir))
+
+
+def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resume_step, workdir: str):
+    """The resumed state (data position checked and restored), or a fresh one, optionally from init_from."""
+    if resume_step is not None:
+        log.info("resuming from the checkpoint at step %d in %s", resume_step, workdir)
+        abstract = program.abstract_state
+        rest = {"opt_state": abstract.opt_state, "step": abstract.step,
+                "consecutive_skips": abstract.consecutive_skips}
+        params, rest, data_state = checkpoint.restore_train_state(mngr, resume_step, abstract.params, rest)
+        train_data.restore(data_state)  # checks the data config is the one the run was started with
+        if distributed.is_main_process():
+            truncate_metrics(workdir, resume_step)
+        return abstract.replace(params=params, **rest)
+    state = program.init_state(exp.loop.seed)
+    if exp.loop.init_from:
+        log.info("initialising params from %s (fresh optimizer state)", exp.loop.init_from)
+        state = state.replace(params=checkpoint.restore_params(exp.loop.init_from, program.abstract_state.params))
+    return state
+
+
+def _hooks(exp, workdir, run, mngr, train_data, eval_data, writer) -> list[hooks.Hook]:
+    loop, main = exp.loop, distributed.is_main_process()
+    peak, peak_source = peak_flops()
+    log.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
+    progress = hooks.Progress() if main else None
+    tokens_per_step = loop.batch_size * loop.seq_len
+    flops_per_token = exp.model.flops_per_token(loop.seq_len)
+    out: list[hooks.Hook] = [hooks.SkipGuard(loop.max_consecutive_skips)]
+    if loop.profile_steps and main:
+        out.append(hooks.Profile(hooks.profile_dir(workdir), loop.profile_start, loop.profile_steps))
+    out.append(hooks.Log(writer, loop.log_every, tokens_per_step, flops_per_token, peak, progress))
+    out.append(hooks.Checkpoint(mngr, train_data, loop.checkpoint_every))
+    if eval_data is not None:
+        out.append(hooks.Evaluate(eval_data, writer, loop.eval_every))
+    if progress is not None:
+        out.append(progress)
+    out.append(hooks.Preemption(mngr, train_data, workdir))
+    return out
+
+
+def _loop(run: hooks.Run, all_hooks: list[hooks.Hook], train_data: TrainData) -> None:
+    """Step from run.start to run.num_steps, running the hooks that are due after each step."""
+    program = run.program
+    # The rows of the global batch this process's devices hold; the loader reads only those.
+    batches = train_data.iterator(run.start, rows=program.process_batch_slice(train_data.batch_size))
+    with contextlib.ExitStack() as stack:
+        stack.callback(batches.close)
+        for hook in all_hooks:  # closed in reverse order, also when a step or a hook raises
+            stack.callback(hook.close, run)
+        for hook in all_hooks:
+            hook.on_start(run)
+        for step in range(run.start, run.num_steps):
+            run.state, run.metrics = program.train_step(run.state, program.shard_batch(next(batches)))
+            run.done = step + 1
+            for hook in all_hooks:
+                if hook.due(run):
+                    _call(hook, run)
+            if run.stop:
+                break
+
+
+def _call(hook: hooks.Hook, run: hooks.Run) -> None:
+    t = time.perf_counter()
+    hook(run)
+    if hook.pauses_clock:
+        run.paused += time.perf_counter() - t
+
+
+def summarize(metrics: dict[str, Any]) -> str:
+    keys = ("train/loss", "eval/loss", "eval/perplexity", "eval/bits_per_byte", "train/tokens_per_sec", "train/mfu")
+    parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics and not math.isnan(float(np.asarray(metrics[k])))]
+    return f"step {metrics.get('step')}: " + ", ".join(parts)

@@ -1,0 +1,426 @@
+"""Input pipeline: exact epochs, packing, resume, multi-host slices, held-out eval byte counts, bad input."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from llama_jax import data
+from llama_jax.data import tokenizer as tk
+from llama_jax.experiment import base_config
+
+VALIDATION_BYTES = 55_770  # tiny_shakespeare's validation split (ASCII, so also its characters)
+
+
+class IntTokenizer(tk.Tokenizer):
+    """Text "7 8 9" -> ids 10 11 12: every content token of a test corpus is unique, so a dropped or
+    duplicated token cannot hide behind an identical one."""
+
+    bos_id, eos_id, pad_id = 0, 1, 2
+
+    @property
+    def vocab_size(self):
+        return 1 << 20
+
+    def encode(self, text):
+        return [int(w) + 3 for w in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i - 3) for i in ids if i >= 3)
+
+    def save(self, directory):
+        raise NotImplementedError
+
+    def fingerprint(self):
+        return "int"
+
+
+def int_docs(doc_lengths):
+    """Documents "0 1 2", "3 4", ... (consecutive integers across documents)."""
+    docs, k = [], 0
+    for n in doc_lengths:
+        docs.append(" ".join(str(k + i) for i in range(n)))
+        k += n
+    return data.Documents.from_texts(docs, "ints")
+
+
+def int_train(doc_lengths, **options):
+    return data.TrainData.from_documents(int_docs(doc_lengths), IntTokenizer(), **options)
+
+
+def int_stream(doc_lengths, **options):
+    return data.tokenize(int_docs(doc_lengths), IntTokenizer(), **options)
+
+
+def config(tmp_path=None, **data_overrides):
+    c = base_config("tiny")
+    c.model.vocab_size = 384
+    c.batch_size, c.seq_len, c.seed = 4, 32, 0
+    for k, v in data_overrides.items():
+        setattr(c.data, k, v)
+    return c
+
+
+@pytest.fixture(scope="session")
+def tfds_cfg(tfds_data_dir, tfds_manual_dir):
+    """A config reading tiny_shakespeare from the session's TFDS dir (built once, offline)."""
+    c = config(data_dir=str(tfds_data_dir), manual_dir=str(tfds_manual_dir))
+    data._tfds_builder("tiny_shakespeare", c.data.data_dir, c.data.manual_dir)
+    return c
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory, shakespeare_path):
+    return tk.train_sentencepiece(
+        [shakespeare_path.read_text()[:30000]], tmp_path_factory.mktemp("sp"), vocab_size=600
+    )
+
+
+def flat_rows(train, steps):
+    """All rows of steps 0..steps-1 in global sample order, as one batch dict."""
+    batches = [train.batch_for_step(s, 0, 1) for s in range(steps)]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def epoch_rows(train):
+    """Rows per epoch, tokenizing every window to learn it."""
+    return sum(train._count(w) for w in range(len(train.windows)))
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+
+
+@pytest.mark.parametrize("window_docs", [0, 2])
+@pytest.mark.parametrize("packing", ["concat", "packed"])
+def test_every_token_is_a_target_exactly_once_per_epoch(packing, window_docs):
+    lengths = [5, 1, 40, 0, 17, 9, 3]
+    train = int_train(lengths, seq_len=8, batch_size=3, seed=1, packing=packing, window_docs=window_docs)
+    assert len(train.windows) == (1 if window_docs == 0 else 4)
+    expected = []
+    for lo, hi in train.windows:
+        w = data.tokenize(train.docs, IntTokenizer(), lo=lo, hi=hi)
+        tokens = np.asarray(w.tokens)
+        # concat: all but the window's first token; packed: all but each document's first (its BOS).
+        expected.append(tokens[1:] if packing == "concat" else np.delete(tokens, w.doc_starts[:-1]))
+    expected = np.sort(np.concatenate(expected))
+    R = epoch_rows(train)
+    got = flat_rows(train, steps=R + 1)  # 3R + 3 rows: a bit more than 3 epochs
+    pairs = np.concatenate([train.rows_for_step(s, 0, 1) for s in range(R + 1)])
+    for e in range(3):
+        sl = slice(e * R, (e + 1) * R)
+        mask = got["loss_mask"][sl] > 0
+        targets = got["targets"][sl][mask]
+        assert np.array_equal(np.sort(targets), expected)
+        content = targets[targets >= 3]
+        assert len(np.unique(content)) == len(content) == sum(lengths)  # every content token once
+        # Targets are the next token after inputs: inside a segment, inputs[t+1] == targets[t].
+        same_seg = (got["segment_ids"][sl][:, 1:] == got["segment_ids"][sl][:, :-1]) & mask[:, 1:]
+        assert np.array_equal(got["inputs"][sl][:, 1:][same_seg], got["targets"][sl][:, :-1][same_seg])
+        # Each epoch reads every (window, row) once.
+        assert len({tuple(p) for p in pairs[sl]}) == R
+    # The order differs between epochs, and with the seed.
+    assert not np.array_equal(pairs[:R], pairs[R : 2 * R])
+    other = int_train(lengths, seq_len=8, batch_size=3, seed=2, packing=packing, window_docs=window_docs)
+    assert not np.array_equal(
+        np.concatenate([other.rows_for_step(s, 0, 1) for s in range(R // 3)]), pairs[: R // 3 * 3]
+    )
+
+
+def test_rows_per_epoch_and_the_epoch_layout():
+    train = int_train([100], seq_len=10, batch_size=4)  # 102 tokens: 101 targets
+    assert train.rows_per_epoch == 11  # ceil(101 / 10); the last row has 1 target and 9 padded positions
+    assert train.steps_per_epoch == 11 / 4
+    rows = np.concatenate([train.rows_for_step(s, 0, 1)[:, 1] for s in range(11)])  # 44 = 4 epochs exactly
+    for e in range(4):
+        assert sorted(rows[e * 11 : (e + 1) * 11]) == list(range(11))
+    stream, window_rows = train._window(0)
+    last = data._gather(stream.tokens, window_rows, np.array([10]), pad_id=2)
+    assert last["loss_mask"][0].tolist() == [1] + [0] * 9
+    assert last["segment_ids"][0].tolist() == [1] + [0] * 9
+
+
+def test_windows_are_tokenized_lazily():
+    train = int_train([30] * 10, seq_len=8, batch_size=2, window_docs=3)  # windows of 3, 3, 3, 1 docs
+    assert train.rows_per_epoch is None and train._counts == {}
+    train.batch_for_step(0, 0, 1)
+    assert 1 <= len(train._counts) <= 2  # the first window in epoch 0's order (+ the next, in background)
+    assert train.rows_per_epoch is None
+
+
+def test_packed_segments_positions_and_padding():
+    stream = int_stream([3, 2, 20, 1])  # docs of 5, 4, 22, 3 tokens with BOS and EOS
+    rows = data.build_rows(stream, seq_len=8, packing="packed")
+    b = data._gather(stream.tokens, rows, np.arange(rows.num_rows), pad_id=2)
+    tokens = np.asarray(stream.tokens)
+    doc_of = np.searchsorted(stream.doc_starts, np.arange(len(tokens)), side="right") - 1
+    for r in range(rows.num_rows):
+        seg, pos, mask = b["segment_ids"][r], b["positions"][r], b["loss_mask"][r]
+        real = seg > 0
+        assert np.array_equal(mask > 0, real)  # padding: segment 0 and loss_mask 0
+        assert np.all(b["inputs"][r][~real] == 2) and np.all(pos[~real] == 0)
+        for s in np.unique(seg[real]):
+            cols = np.flatnonzero(seg == s)
+            assert np.array_equal(pos[cols], np.arange(len(cols)))  # positions restart per segment
+            # A segment's targets all come from one document.
+            src = [np.flatnonzero(tokens == t)[0] for t in b["targets"][r, cols] if t >= 3]
+            assert len({doc_of[i] for i in src}) <= 1
+    # First row: doc0 (4 targets) + doc1 (3 targets) fit 8 positions; doc2 is cut into pieces of 8.
+    assert b["segment_ids"][0].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
+    assert b["positions"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
+    assert b["inputs"][0, :4].tolist() == [0, 3, 4, 5] and b["targets"][0, :4].tolist() == [3, 4, 5, 1]
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _hash(batch):
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        h.update(k.encode() + np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("window_docs", [0, 2])
+def test_resume_replays_the_same_batches_across_an_epoch_boundary(window_docs):
+    lengths = [7, 30, 12, 4, 25]
+    opts = dict(seq_len=6, batch_size=3, seed=5, packing="packed", window_docs=window_docs)
+    train = int_train(lengths, **opts)
+    n = 15
+    with train.iterator(0) as it:
+        straight = [_hash(next(it)) for _ in range(n)]
+    boundary = int(np.ceil(epoch_rows(train) / 3))
+    assert 3 < boundary < n - 3  # steps 0..14 cross an epoch boundary
+    for k in (2, boundary - 1, boundary, boundary + 2):
+        with int_train(lengths, **opts).iterator(0, prefetch=0) as it:
+            for _ in range(k):
+                next(it)
+            state = json.loads(json.dumps(it.state()))  # what the checkpoint's JSON item stores
+        assert state["step"] == k
+        with int_train(lengths, **opts).iterator(state) as resumed:
+            assert [_hash(next(resumed)) for _ in range(n - k)] == straight[k:]
+        # Without the saved window counts, the batch is still the same (windows are re-tokenized to find it).
+        assert _hash(int_train(lengths, **opts).batch_for_step(k)) == straight[k]
+
+
+def test_resume_with_a_different_data_config_is_refused():
+    a = int_train([40], seq_len=6, batch_size=2)
+    b = int_train([40], seq_len=6, batch_size=4)
+    with pytest.raises(data.DataError, match="different data config"):
+        b.iterator(a.iterator(3).state())
+    assert b.iterator(3).step == 3  # an int resumes regardless
+
+
+# ---------------------------------------------------------------------------------------------- multi-host
+
+
+@pytest.mark.parametrize("window_docs", [0, 1])
+def test_two_hosts_read_disjoint_rows_that_make_the_global_batch(window_docs):
+    train = int_train(
+        [50, 20, 33], seq_len=8, batch_size=4, seed=3, packing="packed", window_docs=window_docs
+    )
+    for step in (0, 5, 17):
+        whole = train.batch_for_step(step, 0, 1)
+        parts = [train.batch_for_step(step, p, 2) for p in range(2)]
+        ids = [{tuple(r) for r in train.rows_for_step(step, p, 2)} for p in range(2)]
+        assert not ids[0] & ids[1]
+        for k in whole:
+            assert parts[0][k].shape == (2, 8)
+            assert np.array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])
+        assert np.array_equal(train.batch_for_step(step, rows=slice(2, 4))["inputs"], parts[1]["inputs"])
+    with pytest.raises(data.DataError, match="divisible"):
+        train.batch_for_step(0, 0, 3)
+
+
+def test_two_hosts_eval():
+    ev = data.EvalData.from_documents(int_docs([50, 20, 33]), IntTokenizer(), seq_len=8, batch_size=4)
+    one = list(ev.batches(0, 1))
+    two = [list(ev.batches(p, 2)) for p in range(2)]
+    assert len(two[0]) == len(two[1]) == len(one)  # every host runs the same number of eval steps
+    for i, whole in enumerate(one):
+        for k in whole:
+            assert np.array_equal(np.concatenate([two[0][i][k], two[1][i][k]]), whole[k])
+
+
+def test_batches_become_global_arrays_on_emulated_devices():
+    import jax
+
+    from llama_jax import sharding
+
+    train = int_train([60], seq_len=4, batch_size=8)
+    local = train.batch_for_step(1)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    g = sharding.shard_batch(local, mesh)
+    assert g["inputs"].shape == (8, 4) and len(g["inputs"].sharding.device_set) == len(jax.devices())
+    assert np.array_equal(np.asarray(g["targets"]), local["targets"])
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def test_eval_covers_the_validation_split_once_with_exact_bytes(tfds_cfg, shakespeare_path):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.batch_size, c.seq_len = 16, 128
+    ev = data.EvalData(c)
+    assert ev.num_bytes == VALIDATION_BYTES
+    assert ev.num_tokens == VALIDATION_BYTES + 1  # every byte and the EOS; BOS is never scored
+    batches = list(ev.batches(0, 1))
+    num_rows = -(-(VALIDATION_BYTES + 1) // 128)  # BOS text EOS: 55,771 targets in rows of 128
+    assert len(batches) == ev.num_batches == -(-num_rows // 16)
+    mask = np.concatenate([b["loss_mask"] for b in batches]) > 0
+    targets = np.concatenate([b["targets"] for b in batches])[mask]
+    assert int(mask.sum()) == ev.num_tokens
+    assert sum(int(b["target_bytes"].sum()) for b in batches) == VALIDATION_BYTES
+    # In order, no shuffling: the scored bytes are the split's text.
+    text = bytes(targets[targets < 256].astype(np.uint8)).decode()
+    full = shakespeare_path.read_text()
+    assert len(text) == VALIDATION_BYTES and text in full
+    assert targets[-1] == 257
+    assert batches[-1]["loss_mask"][-1].sum() == 0  # the last batch is padded with empty rows
+
+
+@pytest.mark.parametrize("packing", ["concat", "packed"])
+def test_eval_bytes_without_bos_exclude_the_first_token(tfds_cfg, packing):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.data.add_bos, c.data.packing = False, packing
+    ev = data.EvalData(c)
+    assert ev.num_bytes == VALIDATION_BYTES - 1  # the first byte has no context: not scored
+    assert ev.num_tokens == VALIDATION_BYTES  # the other bytes and the EOS
+
+
+@pytest.mark.parametrize("packing", ["concat", "packed"])
+def test_eval_bytes_with_a_bpe_tokenizer(tfds_cfg, sp_tokenizer, packing):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.data.packing, c.model.vocab_size = packing, 640
+    ev = data.EvalData(c, sp_tokenizer)
+    assert ev.num_bytes == VALIDATION_BYTES
+    batches = list(ev.batches())
+    assert sum(int(b["target_bytes"].sum()) for b in batches) == VALIDATION_BYTES
+    targets = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches])
+    assert ev.num_tokens == len(targets) < 0.7 * VALIDATION_BYTES  # subwords, not bytes
+    assert len(sp_tokenizer.decode(targets.tolist()).encode()) == VALIDATION_BYTES
+
+
+def test_bytes_are_exact_for_multibyte_text_and_many_documents(tmp_path):
+    docs = ["héllo wörld", "", "日本語のテキスト", "plain ascii", "🙂🙃"]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": "x" * 50}) for _ in range(3)))
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    for packing in ("concat", "packed"):
+        c = config(train_files=str(tmp_path / "train.jsonl"), eval_files=str(tmp_path / "eval.jsonl"))
+        c.seq_len, c.data.packing = 5, packing
+        ev = data.EvalData(c)
+        assert ev.num_bytes == sum(len(d.encode()) for d in docs)
+        # Scored: every byte and every EOS; never a BOS (it follows an EOS by construction).
+        assert ev.num_tokens == ev.num_bytes + len(docs)
+        scored = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in ev.batches(0, 1)])
+        assert 256 not in scored and np.sum(scored == 257) == len(docs)
+        assert sum(int(b["target_bytes"].sum()) for b in ev.batches(0, 1)) == ev.num_bytes
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def test_tiny_shakespeare_train_split_gives_many_windows(tfds_cfg, tmp_path):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.data.cache_dir = str(tmp_path / "cache")
+    train = data.TrainData(c)
+    stream, _ = train._window(0)
+    assert stream.num_docs == 1
+    n = len(stream.tokens)
+    assert train.rows_per_epoch == -(-(n - 1) // c.seq_len) > 30_000
+    cached = data.TrainData(c)  # second time: read back from the cache, memory-mapped
+    assert isinstance(cached._window(0)[0].tokens, np.memmap)
+    assert _hash(cached.batch_for_step(123)) == _hash(train.batch_for_step(123))
+    assert train.batch_for_step(0)["inputs"].shape == (c.batch_size, c.seq_len)
+
+
+def test_local_text_and_jsonl_files(tmp_path):
+    (tmp_path / "a.txt").write_text("one whole document\nwith lines")
+    (tmp_path / "b.txt").write_text("another")
+    (tmp_path / "e.jsonl").write_text('{"body": "held out"}\n\n{"body": "docs"}\n')
+    c = config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.jsonl"), text_key="body")
+    c.seq_len = 4
+    train = data.TrainData(c)
+    assert train._window(0)[0].doc_bytes.tolist() == [29, 7]
+    ev = data.EvalData(c)
+    assert ev.stream.num_docs == 2 and ev.num_bytes == len("held out") + len("docs")
+
+
+def test_split_slices_and_leak_check(tfds_cfg):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.data.train_split, c.data.eval_split = "train+test", "validation"
+    assert len(data.TrainData(c).docs) == 2
+    c.data.eval_split = "test"
+    with pytest.raises(data.DataError, match="overlaps train split"):
+        data.EvalData(c)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_vocab_mismatch_is_reported_before_reading(tfds_cfg):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.model.vocab_size = 256
+    with pytest.raises(tk.TokenizerError, match="--config.model.vocab_size=259"):
+        data.TrainData(c)
+
+
+def test_unknown_dataset_suggests_close_names():
+    with pytest.raises(data.DataError, match="Did you mean: tiny_shakespeare"):
+        data.TrainData(config(tfds_name="tiny_shakespear"))
+
+
+def test_missing_text_key_lists_features(tfds_cfg):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.data.text_key = "content"
+    with pytest.raises(data.DataError, match=r"features are \['text'\]"):
+        data.TrainData(c)
+
+
+def test_bad_and_empty_splits(tfds_cfg):
+    c = tfds_cfg.copy_and_resolve_references()
+    c.data.train_split = "trian"
+    with pytest.raises(data.DataError, match="Available splits: .*'train'"):
+        data.TrainData(c)
+    c.data.train_split = "train[:0]"
+    with pytest.raises(data.DataError, match="is empty"):
+        data.TrainData(c)
+
+
+def test_manual_dir_without_input_txt(tmp_path):
+    (tmp_path / "manual").mkdir()
+    c = config(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
+    with pytest.raises(data.DataError, match="has no input.txt: copy .*input.txt"):
+        data.TrainData(c)
+
+
+def test_local_file_errors(tmp_path):
+    with pytest.raises(data.DataError, match="no file matches"):
+        data.TrainData(config(train_files=str(tmp_path / "nope.txt"), eval_files=str(tmp_path / "nope.txt")))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "e.txt").write_text("some held-out text")
+    with pytest.raises(data.DataError, match="has no text"):
+        data.TrainData(config(train_files=str(tmp_path / "empty.txt"), eval_files=str(tmp_path / "e.txt")))
+    (tmp_path / "t.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(data.DataError, match=r"no field 'text'; its fields are \['content'\]"):
+        data.TrainData(config(train_files=str(tmp_path / "t.jsonl"), eval_files=str(tmp_path / "e.txt")))
+    with pytest.raises(data.DataError, match="eval_files"):
+        data.EvalData(config(train_files=str(tmp_path / "e.txt")))
+    with pytest.raises(data.DataError, match="eval files are also training files"):
+        data.EvalData(config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.txt")))
+
+
+def test_bad_packing_and_missing_special_tokens(tmp_path):
+    (tmp_path / "t.txt").write_text("text " * 20)
+    (tmp_path / "e.txt").write_text("held out")
+    files = dict(train_files=str(tmp_path / "t.txt"), eval_files=str(tmp_path / "e.txt"))
+    with pytest.raises(data.DataError, match="packing must be one of"):
+        data.TrainData(config(packing="greedy", **files))
+
+    class NoSpecials(IntTokenizer):
+        bos_id = eos_id = pad_id = None
+
+    c = config(**files)
+    c.model.vocab_size = NoSpecials().vocab_size
+    with pytest.raises(data.DataError, match="add_bos=False"):
+        data.TrainData(c, NoSpecials())

@@ -1,0 +1,239 @@
+"""Perplexity evaluation: exact losses against direct forwards, sliding windows, counts, workdirs, CLI.
+
+Token counting convention (llama_jax/data.py, "Held-out eval"): a document is tokenized [BOS] ids [EOS] and
+BOS is never scored, so a text of n tokens scores n + 1 (the byte tokenizer: len(text.encode()) + 1), and
+bits/byte divides by exactly len(text.encode()).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import REPO
+from scipy.special import log_softmax
+
+from llama_jax import checkpoint, data, evaluation, workdir
+from llama_jax.config import preset
+from llama_jax.model import Llama, init_params, param_shapes
+from llama_jax.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
+
+CFG = preset("tiny")  # max_seq_len 128, vocab 384
+TEXT = "Héllo, wörld! Ünïcödé bytes — and a few more words to make it longer.\n"
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return workdir.inference_mesh(data=-1)  # all 8 emulated devices, data parallel
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return workdir.workdir_rules({})
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Larger-than-init weights: peaked, context-dependent predictions (init gives ~uniform ones).
+    return jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, init_params(CFG, jax.random.key(0)))
+
+
+@pytest.fixture(scope="module")
+def sharded_params(params, mesh, rules):
+    return jax.device_put(params, workdir.param_shardings(CFG, mesh, rules))
+
+
+def token_nlls(params, cfg, contexts: list[list[int]], targets: list[int]) -> np.ndarray:
+    """NLL of targets[i] after exactly contexts[i], each a full forward from position 0 (right-padded)."""
+    width = max(len(c) for c in contexts)
+    arr = np.zeros((len(contexts), width), np.int32)
+    for i, c in enumerate(contexts):
+        arr[i, : len(c)] = c
+    logits = jax.jit(lambda p, t: Llama(cfg).apply({"params": p}, t))(params, jnp.asarray(arr))
+    logp = log_softmax(np.asarray(logits, np.float64), axis=-1)  # float64 numpy: an exact reference
+    last = np.array([len(c) - 1 for c in contexts])
+    return -np.asarray(logp)[np.arange(len(contexts)), last, np.asarray(targets)]
+
+
+def stream_of(text: str, tokenizer=None) -> list[int]:
+    tok = tokenizer or ByteTokenizer()
+    return [tok.bos_id, *tok.encode(text), tok.eos_id]
+
+
+# ---------------------------------------------------------------------- window layout
+@pytest.mark.parametrize("stride", [None, 1, 3, 7, 8])
+@pytest.mark.parametrize("spans", [[(0, 30)], [(0, 9)], [(0, 2), (2, 13), (13, 14), (14, 40)]])
+def test_windows_score_every_target_once_with_the_promised_context(stride, spans):
+    L = 8
+    w = evaluation.window_layout([a for a, _ in spans], [b for _, b in spans], L, stride)
+    scored = {}  # stream position -> tokens of context it was predicted from
+    for s, n, f in zip(w.start, w.length, w.first_scored):
+        assert 1 <= n <= L and 0 <= f < n
+        for col in range(f, n):
+            t = s + col + 1
+            assert t not in scored
+            scored[t] = col + 1
+    targets = [t for a, b in spans for t in range(a + 1, b)]
+    assert sorted(scored) == targets
+    for a, b in spans:
+        for t in range(a + 1, b):
+            if stride is None:  # non-overlapping windows of L targets from the span start
+                assert scored[t] == (t - a - 1) % L + 1
+            elif t - a <= L:  # first window: everything before it in the span
+                assert scored[t] == t - a
+            else:
+                assert scored[t] >= L - stride + 1
+                if stride == 1:
+                    assert scored[t] == L
+
+
+def test_no_stride_windows_are_the_concat_rows():
+    docs = data.Documents.from_texts(["first document, fairly long " * 3, "two", "", "x"])
+    ev = data.EvalData.from_documents(docs, ByteTokenizer(), seq_len=16, batch_size=4)
+    n = len(ev.stream.tokens)
+    windowed = evaluation.WindowedEval(ev, evaluation.window_layout([0], [n], 16), 4)
+    assert (windowed.num_tokens, windowed.num_bytes) == (ev.num_tokens, ev.num_bytes)
+    pairs = list(zip(ev.batches(process_index=0, process_count=1), windowed.batches(process_index=0, process_count=1)))
+    assert len(pairs) == ev.num_batches == windowed.num_batches
+    for a, b in pairs:
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("packing", ["concat", "packed"])
+def test_stride_keeps_token_and_byte_counts(packing):
+    texts = ["A long document that spans several windows of sixteen tokens. " * 4, "ünï", "short one"]
+    docs = data.Documents.from_texts(texts)
+    counts = set()
+    for stride in (None, 1, 5, 16):
+        ev = evaluation.eval_windows(docs, ByteTokenizer(), seq_len=16, batch_size=8, stride=stride, packing=packing)
+        masks = [b["loss_mask"].sum() for b in ev.batches(process_index=0, process_count=1)]
+        byts = [b["target_bytes"].sum() for b in ev.batches(process_index=0, process_count=1)]
+        assert sum(masks) == ev.num_tokens and sum(byts) == ev.num_bytes
+        counts.add((ev.num_tokens, ev.num_bytes))
+    nbytes = sum(len(t.encode()) for t in texts)
+    assert counts == {(nbytes + len(texts), nbytes)}  # bytes + one EOS per document; BOS never scored
+
+
+def test_bad_stride_and_empty_text_are_clear_errors():
+    docs = data.Documents.from_texts([TEXT])
+    with pytest.raises(data.DataError, match="stride"):
+        evaluation.eval_windows(docs, ByteTokenizer(), seq_len=16, batch_size=8, stride=17)
+    with pytest.raises(data.DataError, match="no text"):
+        evaluation.eval_windows(data.Documents.from_texts([""]), ByteTokenizer(), seq_len=16, batch_size=8)
+
+
+# ---------------------------------------------------------------------- exact losses
+def test_loss_equals_a_direct_full_forward(params, sharded_params, mesh, rules):
+    ids = stream_of(TEXT)
+    assert len(ids) <= 128  # one window
+    ev = evaluation.eval_windows(data.Documents.from_texts([TEXT]), ByteTokenizer(), seq_len=128, batch_size=8)
+    got = evaluation.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
+
+    logits = Llama(CFG).apply({"params": params}, jnp.asarray([ids[:-1]]))
+    logp = log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    n_bytes = len(TEXT.encode("utf-8"))
+    assert got["tokens"] == len(ids) - 1 == n_bytes + 1  # every byte and the EOS
+    assert got["bytes"] == n_bytes
+    assert got["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(nll.sum() / (n_bytes * math.log(2)), rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [None, 1])
+def test_each_token_is_scored_with_exactly_its_window_context(params, sharded_params, mesh, rules, stride):
+    """stride=1: every token after the first window is predicted from exactly its L preceding tokens;
+    no stride: from the tokens since the start of its (non-overlapping) window."""
+    L = 16
+    text = TEXT[:45]
+    ids = stream_of(text)
+    ev = evaluation.eval_windows(data.Documents.from_texts([text]), ByteTokenizer(), seq_len=L, batch_size=8, stride=stride)
+    got = evaluation.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
+    ts = range(1, len(ids))
+    starts = [max(0, t - L) if stride == 1 else (t - 1) // L * L for t in ts]
+    nll = token_nlls(params, CFG, [ids[s:t] for s, t in zip(starts, ts)], [ids[t] for t in ts])
+    assert got["tokens"] == len(ids) - 1
+    assert got["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------- workdirs
+def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
+    hf_workdir = hf_tiny_workdir  # conftest: the tiny preset, random weights, a 300-id BPE tokenizer.json
+    cfg = checkpoint.read_model_config(hf_workdir)
+    params = checkpoint.restore_params(hf_workdir, param_shapes(cfg))
+    tok = load_tokenizer(checkpoint.tokenizer_dir(hf_workdir))
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    got = evaluation.evaluate_workdir(hf_workdir, text_file=str(f))
+    ids = stream_of(TEXT, tok)
+    nll = token_nlls(params, cfg, [ids[:t] for t in range(1, len(ids))], ids[1:])
+    assert got["tokens"] == len(tok.encode(TEXT)) + 1 and got["bytes"] == len(TEXT.encode())
+    assert got["seq_len"] == cfg.max_seq_len and got["step"] == 0
+    assert got["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(nll.sum() / (len(TEXT.encode()) * math.log(2)), rel=1e-5)
+
+
+def test_trained_workdir_held_out_split_and_stride(trained_tiny_workdir):
+    eval_text = (trained_tiny_workdir.parent / "data" / "eval.txt").read_text(encoding="utf-8")
+    plain = evaluation.evaluate_workdir(trained_tiny_workdir)  # the workdir's own data.eval_files
+    assert plain["tokens"] == len(eval_text.encode()) + 1 and plain["bytes"] == len(eval_text.encode())
+    assert (plain["seq_len"], plain["step"], plain["batch_size"]) == (64, 20, 8)
+    strided = evaluation.evaluate_workdir(trained_tiny_workdir, stride=32)
+    assert (strided["tokens"], strided["bytes"]) == (plain["tokens"], plain["bytes"])
+    assert plain["loss"] < math.log(CFG.vocab_size)  # it learned something
+    assert abs(strided["loss"] - plain["loss"]) < 0.1
+
+
+def test_eval_ppl_cli(trained_tiny_workdir, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT * 3, encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", f"--text_file={f}",
+         "--stride=16"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    n_bytes = len((TEXT * 3).encode())
+    assert (result["tokens"], result["bytes"], result["stride"]) == (n_bytes + 1, n_bytes, 16)
+    expected = evaluation.evaluate_workdir(trained_tiny_workdir, text_file=str(f), stride=16)
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+# ---------------------------------------------------------------------- errors
+def test_missing_workdir_checkpoint_and_text_file_are_clear_errors(trained_tiny_workdir, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist.*experiments.train"):
+        evaluation.evaluate_workdir(tmp_path / "nope")
+    empty = tmp_path / "no_ckpt"
+    empty.mkdir()
+    shutil.copy(trained_tiny_workdir / "config.json", empty / "config.json")
+    shutil.copytree(trained_tiny_workdir / "tokenizer", empty / "tokenizer")
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+        evaluation.evaluate_workdir(empty)
+    with pytest.raises(data.DataError, match="missing.txt does not exist"):
+        evaluation.evaluate_workdir(trained_tiny_workdir, text_file=str(tmp_path / "missing.txt"))
+
+
+def test_tokenizer_larger_than_model_vocab_is_a_clear_error(trained_tiny_workdir, tmp_path):
+    small = tmp_path / "small_vocab"
+    small.mkdir()
+    cfg = json.loads((trained_tiny_workdir / "config.json").read_text())
+    cfg["model"]["vocab_size"] = 256  # the byte tokenizer needs 259
+    (small / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(trained_tiny_workdir / "tokenizer", small / "tokenizer")
+    with pytest.raises(TokenizerError, match="vocab_size=259"):
+        evaluation.evaluate_workdir(small)
