@@ -190,16 +190,15 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, train_state
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_train_state):
     """(params, train state, data state) of `step`, restored onto the abstract targets' shardings."""
-    stored = mngr.item_metadata(step)
-    stored = stored.get("train_state") if stored is not None else None
-    if stored is not None and "rng" in stored:
-        raise CheckpointError(
-            f"{mngr.directory}/{step} was written by an older llama_jax (its train state holds a dropout rng "
-            "that the model never used), so it cannot be resumed. Its params still evaluate and sample; to "
-            f"keep training from them start a new run with --config.init_from={epath.Path(mngr.directory).parent} "
-            "(fresh optimizer state)."
-        )
     try:
+        stored = mngr.item_metadata(step)
+        if stored is not None and "rng" in (stored.get("train_state") or {}):
+            raise CheckpointError(
+                f"{mngr.directory}/{step} was written by an older llama_jax (its train state holds a dropout "
+                "rng that the model never used), so it cannot be resumed. Its params still evaluate and "
+                "sample; to keep training from them start a new run with "
+                f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
+            )
         out = mngr.restore(
             step,
             args=ocp.args.Composite(
@@ -208,6 +207,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
                 data_state=ocp.args.JsonRestore(),
             ),
         )
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(
             f"could not restore the training state of step {step} from {mngr.directory}: {e}\n"

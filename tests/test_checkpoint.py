@@ -4,15 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, sharding
-from llama_jax.config import preset
-from llama_jax.model import init_params, param_shapes, stack_layers, to_layout
+from llama_jax import checkpoint, errors, sharding
+from llama_jax.model import init_params, param_shapes, preset, stack_layers, to_layout
 
 CFG = preset("tiny", num_heads=8, num_kv_heads=4, dim=128)
 
 
 def _sharded_abstract(cfg, mesh):
-    rules = sharding.resolve_rules({"rule_set": "fsdp_tp"})
+    rules = sharding.resolve_rules(sharding.ShardingConfig(rule_set="fsdp_tp"))
     shapes = param_shapes(cfg)
     specs = sharding.param_specs(shapes, rules.params, mesh)
     shardings = sharding.named_shardings(mesh, specs)
@@ -25,7 +24,7 @@ def test_restore_into_the_other_layer_layout_sharded(tmp_path, saved_scanned):
     saved_cfg = CFG.replace(scan_layers=saved_scanned)
     checkpoint.save_params(tmp_path, to_layout(params, saved_cfg))
     want_cfg = CFG.replace(scan_layers=not saved_scanned)
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     abstract = _sharded_abstract(want_cfg, mesh)
     restored = checkpoint.restore_params(tmp_path, abstract)
     expected = to_layout(params, want_cfg)
@@ -37,12 +36,12 @@ def test_restore_into_the_other_layer_layout_sharded(tmp_path, saved_scanned):
 
 def test_shape_mismatch_names_every_param(tmp_path):
     checkpoint.save_params(tmp_path, stack_layers(init_params(CFG, jax.random.key(0))))
-    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)differ.*mlp.*down_proj.*model \(2, 96, 128\)"):
+    with pytest.raises(errors.CheckpointError, match=r"(?s)differ.*mlp.*down_proj.*model \(2, 96, 128\)"):
         checkpoint.restore_params(tmp_path, param_shapes(CFG.replace(scan_layers=True, ffn_dim=96)))
 
 
 def test_missing_checkpoint_names_the_fix(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="train first"):
+    with pytest.raises(errors.CheckpointError, match="train first"):
         checkpoint.restore_params(tmp_path, param_shapes(CFG))
-    with pytest.raises(checkpoint.CheckpointError, match="not a llama_jax workdir"):
+    with pytest.raises(errors.CheckpointError, match="not a llama_jax workdir"):
         checkpoint.read_config(tmp_path)

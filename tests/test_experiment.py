@@ -141,7 +141,7 @@ def test_unknown_top_level_key_is_an_error():
     "kind, field, value, message",
     [
         (OptimizerConfig, "lr", "fast", r"optimizer.lr=.fast. must be of type float"),
-        (OptimizerConfig, "lr", -1.0, r"optimizer.lr=-1.0 must be positive"),
+        (OptimizerConfig, "lr", -1.0, r"optimizer.lr=-1.0 must be >= 0"),
         (OptimizerConfig, "schedule", "cosin", r"optimizer.schedule='cosin' is not one of"),
         (DataConfig, "packing", "greedy", r"data.packing='greedy' is not one of"),
         (DataConfig, "add_bos", 1, r"data.add_bos=1 must be of type bool"),

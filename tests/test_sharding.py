@@ -14,13 +14,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import sharding
-from llama_jax.config import preset
+from llama_jax import errors, sharding
 from llama_jax.experiment import base_config
-from llama_jax.model import Llama, param_shapes
-from llama_jax.model import path_str
-from llama_jax.train import make_optimizer
-from llama_jax.train import TrainProgram
+from llama_jax.model import Llama, param_shapes, path_str, preset
+from llama_jax.train import OptimizerConfig, make_optimizer
 from tests.helpers import program_of
 
 # Heads and kv heads divisible by tensor=4, every dim divisible by 8; biases and q/k norms exercise
@@ -29,7 +26,7 @@ MODEL = dict(num_heads=8, num_kv_heads=4, ffn_dim=128, use_bias=True, qk_norm=Tr
 
 
 def mesh_of(data, fsdp, tensor):
-    return sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor))
+    return sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
 
 
 def flat(tree):
@@ -75,8 +72,8 @@ def expected_spec(path: str) -> P:
 
 # ---------------------------------------------------------------------- mesh
 def test_mesh_shapes_and_minus_one():
-    assert sharding.mesh_shape(dict(data=-1, fsdp=1, tensor=1), 8) == (8, 1, 1)
-    assert sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2)
+    assert sharding.mesh_shape(sharding.MeshConfig(data=-1, fsdp=1, tensor=1), 8) == (8, 1, 1)
+    assert sharding.mesh_shape(sharding.MeshConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2)
     mesh = mesh_of(2, 2, 2)
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -93,8 +90,8 @@ def test_mesh_shapes_and_minus_one():
     ],
 )
 def test_mesh_errors(mesh_cfg, match):
-    with pytest.raises(sharding.ShardingError, match=match):
-        sharding.make_mesh(mesh_cfg)
+    with pytest.raises(errors.ShardingError, match=match):
+        sharding.make_mesh(sharding.MeshConfig(**mesh_cfg))
 
 
 # ---------------------------------------------------------------------- rules
@@ -151,22 +148,22 @@ def test_sharded_init_places_every_param_by_its_rule():
 
 def test_rule_missing_a_param_names_it():
     rules = [r for r in sharding.RULE_SETS["fsdp"].params if "down_proj/kernel" not in r[0]]
-    with pytest.raises(sharding.ShardingError, match=re.escape("'layers_0/mlp/down_proj/kernel'")):
+    with pytest.raises(errors.ShardingError, match=re.escape("'layers_0/mlp/down_proj/kernel'")):
         sharding.param_specs(param_shapes(preset("tiny")), rules)
 
 
 def test_rule_with_wrong_rank_or_unknown_axis():
     q_only = {"layers_0": {"attn": {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 4, 16), jnp.float32)}}}}
-    with pytest.raises(sharding.ShardingError, match=r"layers_0/attn/q_proj/kernel.*3 dims.*2-dim spec"):
+    with pytest.raises(errors.ShardingError, match=r"layers_0/attn/q_proj/kernel.*3 dims.*2-dim spec"):
         sharding.param_specs(q_only, [(r"q_proj/kernel", ("fsdp", None))], mesh_of(8, 1, 1))
     shapes = param_shapes(preset("tiny"))
-    with pytest.raises(sharding.ShardingError, match=r"names mesh axes \['model'\]"):
+    with pytest.raises(errors.ShardingError, match=r"names mesh axes \['model'\]"):
         sharding.param_specs(shapes, [(r"embed", ("model", None)), (r".", (None,) * 3)], mesh_of(8, 1, 1))
 
 
 def test_tensor_not_dividing_heads_names_fields():
     c = base_config("tiny")  # num_heads=4, num_kv_heads=2
-    with pytest.raises(sharding.ShardingError, match=r"model.num_kv_heads=2 is not divisible by mesh tensor=4") as e:
+    with pytest.raises(errors.ShardingError, match=r"model.num_kv_heads=2 is not divisible by mesh tensor=4") as e:
         program_of(c, mesh=mesh_of(2, 1, 4))
     assert "one of [1, 2]" in str(e.value)  # the fix: tensor sizes that divide every split dim
 
@@ -174,7 +171,7 @@ def test_tensor_not_dividing_heads_names_fields():
 def test_fsdp_not_dividing_a_dim_names_param_dim_and_axis():
     shapes = param_shapes(preset("tiny", dim=36, num_heads=2, num_kv_heads=2))  # 36 % 8 != 0
     with pytest.raises(
-        sharding.ShardingError,
+        errors.ShardingError,
         match=r"param 'layers_0/attn/k_proj/kernel' has shape \(36, 2, 18\): dim 0 \(size 36\) is sharded "
         r"over mesh axes \('fsdp',\) of total size 8",
     ):
@@ -184,12 +181,12 @@ def test_fsdp_not_dividing_a_dim_names_param_dim_and_axis():
 def test_idle_mesh_axis_is_an_error():
     c = base_config("tiny", **MODEL)
     c.sharding.rule_set = "fsdp"
-    with pytest.raises(sharding.ShardingError, match=r"mesh axes \['tensor'\] have size > 1"):
+    with pytest.raises(errors.ShardingError, match=r"mesh axes \['tensor'\] have size > 1"):
         program_of(c, mesh=mesh_of(2, 1, 4))
 
 
 def test_batch_must_split_over_data_parallel_axes():
-    with pytest.raises(sharding.ShardingError, match=r"microbatch.*= 2 is not divisible by mesh data\*fsdp = 4"):
+    with pytest.raises(errors.ShardingError, match=r"microbatch.*= 2 is not divisible by mesh data\*fsdp = 4"):
         sharding.check_batch_fits_mesh(8, 4, mesh_of(2, 2, 2))
     sharding.check_batch_fits_mesh(16, 4, mesh_of(2, 2, 2))
 
@@ -197,12 +194,12 @@ def test_batch_must_split_over_data_parallel_axes():
 def test_explicit_rules_from_config():
     c = base_config("tiny")
     c.sharding.param_rules = [(r"embed", ["fsdp", None]), (r".*", [None])]
-    rules = sharding.resolve_rules(c.sharding)
+    rules = sharding.resolve_rules(sharding.ShardingConfig.from_dict(c.sharding))
     assert rules.params == ((r"embed", ("fsdp", None)), (r".*", (None,)))
     assert rules.activations == sharding.RULE_SETS["fsdp_tp"].activations
     c.sharding.rule_set = "zero"
-    with pytest.raises(sharding.ShardingError, match=r"rule_set='zero' is not one of"):
-        sharding.resolve_rules(c.sharding)
+    with pytest.raises(errors.ShardingError, match=r"rule_set='zero' is not one of"):
+        sharding.resolve_rules(sharding.ShardingConfig.from_dict(c.sharding))
 
 
 # ---------------------------------------------------------------------- optimizer state
@@ -210,9 +207,7 @@ def test_explicit_rules_from_config():
 def test_opt_state_specs_follow_params(name):
     # dim/ffn >= 128 so that Adafactor factors the second moments into row and column statistics.
     cfg = preset("tiny", dim=128, ffn_dim=256, num_heads=4, num_kv_heads=4)
-    opt_cfg = base_config().optimizer
-    opt_cfg.name = name
-    tx, _ = make_optimizer(opt_cfg, total_steps=100)
+    tx = make_optimizer(OptimizerConfig(name=name), total_steps=100)
     shapes = param_shapes(cfg)
     p_specs = sharding.param_specs(shapes, sharding.RULE_SETS["fsdp_tp"].params, mesh_of(1, 4, 2))
     opt_shapes = jax.eval_shape(tx.init, shapes)
@@ -242,7 +237,7 @@ def test_opt_state_specs_follow_params(name):
 def test_opt_state_leaf_without_a_param_is_an_error():
     shapes = {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
     tx = optax.GradientTransformation(lambda p: {"stray": jnp.zeros((4, 4))}, None)
-    with pytest.raises(sharding.ShardingError, match=r"optimizer-state leaf 'stray'"):
+    with pytest.raises(errors.ShardingError, match=r"optimizer-state leaf 'stray'"):
         sharding.opt_state_specs(jax.eval_shape(tx.init, shapes), shapes, {"w": P()})
 
 
@@ -256,11 +251,5 @@ def test_shard_batch_splits_rows_over_data_and_fsdp():
     assert x.shape == (8, 3) and x.sharding == NamedSharding(mesh, P(("data", "fsdp")))
     assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(x), local["inputs"])
-    with pytest.raises(sharding.ShardingError, match=r"6 global rows, which do not split over mesh data\*fsdp = 4"):
+    with pytest.raises(errors.ShardingError, match=r"6 global rows, which do not split over mesh data\*fsdp = 4"):
         sharding.shard_batch({"inputs": np.zeros((6, 3), np.int32)}, mesh)
-
-
-def test_single_process_needs_no_distributed_init(monkeypatch):
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-    assert sharding.maybe_initialize_distributed() is False
-    assert sharding.is_main_process()

@@ -65,7 +65,14 @@ eval_data. Host-side numpy only: nothing here imports the model.
 from llama_jax.data.config import PACKING_MODES, DataConfig
 from llama_jax.data.eval_data import EvalData, eval_windows, text_file_documents
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, window_layout
-from llama_jax.data.sources import Documents, check_no_leak, documents_for_role, file_documents, tfds_documents
+from llama_jax.data.sources import (
+    Documents,
+    check_no_leak,
+    documents_for_role,
+    file_documents,
+    tfds_builder,
+    tfds_documents,
+)
 from llama_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -74,6 +81,7 @@ from llama_jax.data.tokenizer import (
     check_vocab,
     load_tokenizer,
     train_sentencepiece,
+    training_tokenizer,
 )
 from llama_jax.data.tokens import TokenStream, tokenize
 from llama_jax.data.train_data import DataIterator, TrainData
@@ -101,8 +109,10 @@ __all__ = [
     "load_tokenizer",
     "local_rows",
     "text_file_documents",
+    "tfds_builder",
     "tfds_documents",
     "tokenize",
     "train_sentencepiece",
+    "training_tokenizer",
     "window_layout",
 ]

@@ -91,7 +91,7 @@ class EvalData:
 def eval_windows(
     docs: Documents,
     tokenizer: Tokenizer,
-    options: DataConfig = DataConfig(),
+    options: DataConfig | None = None,
     *,
     seq_len: int,
     batch_size: int,
@@ -100,6 +100,7 @@ def eval_windows(
     """EvalData of `docs` (packing, add_bos, add_eos from `options`): build_rows' rows, or with `stride`
     sliding windows spanning the whole stream (concat; attention crosses documents, as in concat training)
     or one document each (packed)."""
+    options = options or DataConfig()
     stream = tokenize(docs, tokenizer, add_bos=options.add_bos, add_eos=options.add_eos)
     if stride:
         ds = stream.doc_starts

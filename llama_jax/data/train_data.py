@@ -31,12 +31,13 @@ class TrainData:
         self,
         docs: Documents,
         tokenizer: Tokenizer,
-        options: DataConfig = DataConfig(),
+        options: DataConfig | None = None,
         *,
         seq_len: int,
         batch_size: int,
         seed: int,
     ):
+        options = options or DataConfig()
         packing, add_bos, add_eos = options.packing, options.add_bos, options.add_eos
         window_docs, cache_dir, prefetch = options.window_docs, options.cache_dir, options.prefetch
         if seq_len < 1 or batch_size < 1:
@@ -62,7 +63,7 @@ class TrainData:
         self._perms: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
         self._background = concurrent.futures.ThreadPoolExecutor(1) if len(self.windows) > 1 else None
         if len(self.windows) == 1:
-            stream, rows = self._window(0)
+            stream, rows = self.window(0)
             if int(stream.doc_bytes.sum()) == 0 or rows.num_rows == 0:
                 raise no_text(docs)
 
@@ -93,7 +94,7 @@ class TrainData:
             self._counts[w] = rows.num_rows
         return stream, rows
 
-    def _window(self, w: int) -> tuple[TokenStream, Rows]:
+    def window(self, w: int) -> tuple[TokenStream, Rows]:
         """Window w's token stream and rows; tokenized once, by whichever thread asks first."""
         with self._lock:
             future = self._loaded.get(w)
@@ -112,11 +113,11 @@ class TrainData:
                 future.set_exception(e)
         return future.result()
 
-    def _count(self, w: int) -> int:
+    def window_row_count(self, w: int) -> int:
         with self._lock:
             if w in self._counts:
                 return self._counts[w]
-        return self._window(w)[1].num_rows
+        return self.window(w)[1].num_rows
 
     def _perm(self, *key: int) -> np.ndarray:
         """Window order of epoch e (key (e,)), or row order of window w in epoch e (key (e, w))."""
@@ -127,6 +128,12 @@ class TrainData:
                 while len(self._perms) > 8:
                     self._perms.popitem(last=False)
             return self._perms[key]
+
+    @property
+    def known_row_counts(self) -> dict[int, int]:
+        """Rows per window for the windows tokenized so far (all of them once an epoch is known)."""
+        with self._lock:
+            return dict(self._counts)
 
     @property
     def rows_per_epoch(self) -> int | None:
@@ -162,7 +169,7 @@ class TrainData:
                     return
             if i == len(order):
                 break
-            c = self._count(order[i])
+            c = self.window_row_count(order[i])
             with self._lock:
                 if len(self._prefix0) == i:
                     self._prefix0.append((self._prefix0[-1] if i else 0) + c)
@@ -203,7 +210,7 @@ class TrainData:
         with self._lock:
             if nxt in self._loaded:
                 return
-        self._background.submit(self._window, nxt)
+        self._background.submit(self.window, nxt)
 
     def batch_for_step(self, step: int, process_index=None, process_count=None, *, rows: slice | None = None):
         """This process's [local_batch, seq_len] slice of the global batch at `step`.
@@ -215,7 +222,7 @@ class TrainData:
         out = None
         for w in np.unique(pairs[:, 0]).tolist():
             m = pairs[:, 0] == w
-            stream, window_rows = self._window(w)
+            stream, window_rows = self.window(w)
             part = gather(stream.tokens, window_rows, pairs[m, 1], self.pad_id)
             if out is None:
                 out = {k: np.empty((len(pairs),) + v.shape[1:], v.dtype) for k, v in part.items()}

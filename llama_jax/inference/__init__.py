@@ -1,6 +1,12 @@
 """Using a trained or imported workdir: load it onto a mesh, sample from it, score held-out text."""
 
-from llama_jax.inference.load import inference_mesh, load_tokenizer_of, load_workdir, param_shardings, workdir_rules
+from llama_jax.inference.load import (
+    inference_mesh,
+    load_tokenizer_of,
+    load_workdir,
+    param_shardings,
+    workdir_rules,
+)
 from llama_jax.inference.perplexity import (
     evaluate,
     evaluate_workdir,

@@ -5,7 +5,7 @@ from llama_jax.train.loop import LoopConfig, summarize, train
 from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics
 from llama_jax.train.optim import OptimizerConfig, decay_mask_fn, learning_rate, make_optimizer, make_schedule
 from llama_jax.train.program import TrainProgram
-from llama_jax.train.step import TrainState, make_train_step
+from llama_jax.train.step import TrainState, make_train_step, restore_state, save_state
 
 __all__ = [
     "Hook",
@@ -24,6 +24,8 @@ __all__ = [
     "make_train_step",
     "peak_flops",
     "read_metrics",
+    "restore_state",
+    "save_state",
     "summarize",
     "train",
 ]

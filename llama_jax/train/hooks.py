@@ -25,13 +25,12 @@ import jax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from llama_jax import checkpoint
 from llama_jax.data import EvalData, TrainData
 from llama_jax.errors import TrainingHalted
 from llama_jax.inference.perplexity import evaluate
 from llama_jax.train.metrics import MetricWriter
 from llama_jax.train.program import TrainProgram
-from llama_jax.train.step import TrainState
+from llama_jax.train.step import TrainState, save_state
 
 log = logging.getLogger("llama_jax.train")
 
@@ -151,16 +150,11 @@ class Checkpoint(Hook):
         self.mngr, self.train_data, self.every = mngr, train_data, every
 
     def __call__(self, run: Run) -> None:
-        save(self.mngr, run.state, run.done, self.train_data)
+        save_state(self.mngr, run.state, run.done, self.train_data.state(run.done))
 
     def close(self, run: Run) -> None:
         self.mngr.wait_until_finished()
         self.mngr.close()
-
-
-def save(mngr: ocp.CheckpointManager, state: TrainState, step: int, train_data: TrainData) -> None:
-    rest = {"opt_state": state.opt_state, "step": state.step, "consecutive_skips": state.consecutive_skips}
-    checkpoint.save_train_state(mngr, step, state.params, rest, train_data.state(step))
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -262,7 +256,7 @@ class Preemption(Hook):
             return
         self.mngr.wait_until_finished()
         if self.mngr.latest_step() != run.done:
-            save(self.mngr, run.state, run.done, self.train_data)
+            save_state(self.mngr, run.state, run.done, self.train_data.state(run.done))
             self.mngr.wait_until_finished()
         log.warning("preempted: saved step %d to %s; re-run the same command to resume.", run.done, self.workdir)
         run.stop = True

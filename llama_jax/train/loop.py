@@ -28,6 +28,7 @@ from llama_jax.sections import Section
 from llama_jax.train import hooks
 from llama_jax.train.metrics import MetricWriter, peak_flops, truncate_metrics
 from llama_jax.train.program import TrainProgram
+from llama_jax.train.step import restore_state
 
 if TYPE_CHECKING:  # experiment.py builds on train/, so train/ never imports it at run time
     from llama_jax.experiment import Experiment
@@ -117,14 +118,11 @@ def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resu
     """The resumed state (data position checked and restored), or a fresh one, optionally from init_from."""
     if resume_step is not None:
         log.info("resuming from the checkpoint at step %d in %s", resume_step, workdir)
-        abstract = program.abstract_state
-        rest = {"opt_state": abstract.opt_state, "step": abstract.step,
-                "consecutive_skips": abstract.consecutive_skips}
-        params, rest, data_state = checkpoint.restore_train_state(mngr, resume_step, abstract.params, rest)
+        state, data_state = restore_state(mngr, program.abstract_state, resume_step)
         train_data.restore(data_state)  # checks the data config is the one the run was started with
         if distributed.is_main_process():
             truncate_metrics(workdir, resume_step)
-        return abstract.replace(params=params, **rest)
+        return state
     state = program.init_state(exp.loop.seed)
     if exp.loop.init_from:
         log.info("initialising params from %s (fresh optimizer state)", exp.loop.init_from)

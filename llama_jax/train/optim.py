@@ -68,7 +68,7 @@ class OptimizerConfig(Section):
             self.wsd_decay_shape in WSD_DECAY_SHAPES,
             f"optimizer.wsd_decay_shape={self.wsd_decay_shape!r} is not one of {WSD_DECAY_SHAPES}.",
         )
-        self._check(self.lr > 0, f"optimizer.lr={self.lr} must be positive.")
+        self._check(self.lr >= 0, f"optimizer.lr={self.lr} must be >= 0 (0 freezes the params).")
         self._check(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
         self._check(0 <= self.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         self._check(

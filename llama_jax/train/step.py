@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import sharding
+from llama_jax import checkpoint, sharding
 from llama_jax.model import Llama, ModelConfig, batch_loss_sums
 from llama_jax.train import optim
 
@@ -34,6 +34,19 @@ class TrainState:
     params: Any
     opt_state: Any
     consecutive_skips: jax.Array  # [] int32: non-finite steps in a row up to this one
+
+
+def save_state(mngr, state: TrainState, step: int, data_state: dict) -> None:
+    """Queue an async checkpoint of `state` (and the data position) at `step`."""
+    rest = {"opt_state": state.opt_state, "step": state.step, "consecutive_skips": state.consecutive_skips}
+    checkpoint.save_train_state(mngr, step, state.params, rest, data_state)
+
+
+def restore_state(mngr, abstract: TrainState, step: int) -> tuple[TrainState, dict]:
+    """(state, data state) of checkpoint `step`, restored onto `abstract`'s shardings."""
+    rest = {"opt_state": abstract.opt_state, "step": abstract.step, "consecutive_skips": abstract.consecutive_skips}
+    params, rest, data_state = checkpoint.restore_train_state(mngr, step, abstract.params, rest)
+    return abstract.replace(params=params, **rest), data_state
 
 
 def _split_microbatches(batch, num_micro: int, mesh: Mesh):

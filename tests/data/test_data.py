@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax import data
+from llama_jax import data, errors
 from llama_jax.data import tokenizer as tk
-from llama_jax.experiment import base_config
+from llama_jax.experiment import Experiment, base_config
 
 VALIDATION_BYTES = 55_770  # tiny_shakespeare's validation split (ASCII, so also its characters)
 
@@ -45,8 +45,9 @@ def int_docs(doc_lengths):
     return data.Documents.from_texts(docs, "ints")
 
 
-def int_train(doc_lengths, **options):
-    return data.TrainData.from_documents(int_docs(doc_lengths), IntTokenizer(), **options)
+def int_train(doc_lengths, *, seq_len, batch_size, seed=0, **options):
+    return data.TrainData(int_docs(doc_lengths), IntTokenizer(), data.DataConfig(**options), seq_len=seq_len,
+                          batch_size=batch_size, seed=seed)
 
 
 def int_stream(doc_lengths, **options):
@@ -62,11 +63,27 @@ def config(tmp_path=None, **data_overrides):
     return c
 
 
+def train_data(c, tokenizer=None):
+    """TrainData of an experiment ConfigDict, with its tokenizer checked against the model as training does."""
+    exp = Experiment.from_config(c)
+    tokenizer = tokenizer or data.load_tokenizer(exp.data.tokenizer)
+    data.check_vocab(tokenizer, exp.model.vocab_size)
+    loop = exp.loop
+    return data.TrainData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=loop.batch_size,
+                                      seed=loop.seed)
+
+
+def eval_data(c, tokenizer=None):
+    exp = Experiment.from_config(c)
+    tokenizer = tokenizer or data.load_tokenizer(exp.data.tokenizer)
+    return data.EvalData.from_config(exp.data, tokenizer, seq_len=exp.loop.seq_len, batch_size=exp.eval_batch_size)
+
+
 @pytest.fixture(scope="session")
 def tfds_cfg(tfds_data_dir, tfds_manual_dir):
     """A config reading tiny_shakespeare from the session's TFDS dir (built once, offline)."""
     c = config(data_dir=str(tfds_data_dir), manual_dir=str(tfds_manual_dir))
-    data._tfds_builder("tiny_shakespeare", c.data.data_dir, c.data.manual_dir)
+    data.tfds_builder("tiny_shakespeare", c.data.data_dir, c.data.manual_dir)
     return c
 
 
@@ -85,7 +102,7 @@ def flat_rows(train, steps):
 
 def epoch_rows(train):
     """Rows per epoch, tokenizing every window to learn it."""
-    return sum(train._count(w) for w in range(len(train.windows)))
+    return sum(train.window_row_count(w) for w in range(len(train.windows)))
 
 
 # ---------------------------------------------------------------------------------------------- epochs
@@ -134,24 +151,24 @@ def test_rows_per_epoch_and_the_epoch_layout():
     rows = np.concatenate([train.rows_for_step(s, 0, 1)[:, 1] for s in range(11)])  # 44 = 4 epochs exactly
     for e in range(4):
         assert sorted(rows[e * 11 : (e + 1) * 11]) == list(range(11))
-    stream, window_rows = train._window(0)
-    last = data._gather(stream.tokens, window_rows, np.array([10]), pad_id=2)
+    stream, window_rows = train.window(0)
+    last = data.gather(stream.tokens, window_rows, np.array([10]), pad_id=2)
     assert last["loss_mask"][0].tolist() == [1] + [0] * 9
     assert last["segment_ids"][0].tolist() == [1] + [0] * 9
 
 
 def test_windows_are_tokenized_lazily():
     train = int_train([30] * 10, seq_len=8, batch_size=2, window_docs=3)  # windows of 3, 3, 3, 1 docs
-    assert train.rows_per_epoch is None and train._counts == {}
+    assert train.rows_per_epoch is None and train.known_row_counts == {}
     train.batch_for_step(0, 0, 1)
-    assert 1 <= len(train._counts) <= 2  # the first window in epoch 0's order (+ the next, in background)
+    assert 1 <= len(train.known_row_counts) <= 2  # the first window in epoch 0's order (+ the next, in background)
     assert train.rows_per_epoch is None
 
 
 def test_packed_segments_positions_and_padding():
     stream = int_stream([3, 2, 20, 1])  # docs of 5, 4, 22, 3 tokens with BOS and EOS
     rows = data.build_rows(stream, seq_len=8, packing="packed")
-    b = data._gather(stream.tokens, rows, np.arange(rows.num_rows), pad_id=2)
+    b = data.gather(stream.tokens, rows, np.arange(rows.num_rows), pad_id=2)
     tokens = np.asarray(stream.tokens)
     doc_of = np.searchsorted(stream.doc_starts, np.arange(len(tokens)), side="right") - 1
     for r in range(rows.num_rows):
@@ -206,7 +223,7 @@ def test_resume_replays_the_same_batches_across_an_epoch_boundary(window_docs):
 def test_resume_with_a_different_data_config_is_refused():
     a = int_train([40], seq_len=6, batch_size=2)
     b = int_train([40], seq_len=6, batch_size=4)
-    with pytest.raises(data.DataError, match="different data config"):
+    with pytest.raises(errors.DataError, match="different data config"):
         b.iterator(a.iterator(3).state())
     assert b.iterator(3).step == 3  # an int resumes regardless
 
@@ -228,12 +245,12 @@ def test_two_hosts_read_disjoint_rows_that_make_the_global_batch(window_docs):
             assert parts[0][k].shape == (2, 8)
             assert np.array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])
         assert np.array_equal(train.batch_for_step(step, rows=slice(2, 4))["inputs"], parts[1]["inputs"])
-    with pytest.raises(data.DataError, match="divisible"):
+    with pytest.raises(errors.DataError, match="divisible"):
         train.batch_for_step(0, 0, 3)
 
 
 def test_two_hosts_eval():
-    ev = data.EvalData.from_documents(int_docs([50, 20, 33]), IntTokenizer(), seq_len=8, batch_size=4)
+    ev = data.eval_windows(int_docs([50, 20, 33]), IntTokenizer(), seq_len=8, batch_size=4)
     one = list(ev.batches(0, 1))
     two = [list(ev.batches(p, 2)) for p in range(2)]
     assert len(two[0]) == len(two[1]) == len(one)  # every host runs the same number of eval steps
@@ -249,7 +266,7 @@ def test_batches_become_global_arrays_on_emulated_devices():
 
     train = int_train([60], seq_len=4, batch_size=8)
     local = train.batch_for_step(1)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    mesh = sharding.make_mesh(sharding.MeshConfig())
     g = sharding.shard_batch(local, mesh)
     assert g["inputs"].shape == (8, 4) and len(g["inputs"].sharding.device_set) == len(jax.devices())
     assert np.array_equal(np.asarray(g["targets"]), local["targets"])
@@ -261,7 +278,7 @@ def test_batches_become_global_arrays_on_emulated_devices():
 def test_eval_covers_the_validation_split_once_with_exact_bytes(tfds_cfg, shakespeare_path):
     c = tfds_cfg.copy_and_resolve_references()
     c.batch_size, c.seq_len = 16, 128
-    ev = data.EvalData(c)
+    ev = eval_data(c)
     assert ev.num_bytes == VALIDATION_BYTES
     assert ev.num_tokens == VALIDATION_BYTES + 1  # every byte and the EOS; BOS is never scored
     batches = list(ev.batches(0, 1))
@@ -283,7 +300,7 @@ def test_eval_covers_the_validation_split_once_with_exact_bytes(tfds_cfg, shakes
 def test_eval_bytes_without_bos_exclude_the_first_token(tfds_cfg, packing):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.add_bos, c.data.packing = False, packing
-    ev = data.EvalData(c)
+    ev = eval_data(c)
     assert ev.num_bytes == VALIDATION_BYTES - 1  # the first byte has no context: not scored
     assert ev.num_tokens == VALIDATION_BYTES  # the other bytes and the EOS
 
@@ -292,7 +309,7 @@ def test_eval_bytes_without_bos_exclude_the_first_token(tfds_cfg, packing):
 def test_eval_bytes_with_a_bpe_tokenizer(tfds_cfg, sp_tokenizer, packing):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.packing, c.model.vocab_size = packing, 640
-    ev = data.EvalData(c, sp_tokenizer)
+    ev = eval_data(c, sp_tokenizer)
     assert ev.num_bytes == VALIDATION_BYTES
     batches = list(ev.batches())
     assert sum(int(b["target_bytes"].sum()) for b in batches) == VALIDATION_BYTES
@@ -308,7 +325,7 @@ def test_bytes_are_exact_for_multibyte_text_and_many_documents(tmp_path):
     for packing in ("concat", "packed"):
         c = config(train_files=str(tmp_path / "train.jsonl"), eval_files=str(tmp_path / "eval.jsonl"))
         c.seq_len, c.data.packing = 5, packing
-        ev = data.EvalData(c)
+        ev = eval_data(c)
         assert ev.num_bytes == sum(len(d.encode()) for d in docs)
         # Scored: every byte and every EOS; never a BOS (it follows an EOS by construction).
         assert ev.num_tokens == ev.num_bytes + len(docs)
@@ -323,13 +340,13 @@ def test_bytes_are_exact_for_multibyte_text_and_many_documents(tmp_path):
 def test_tiny_shakespeare_train_split_gives_many_windows(tfds_cfg, tmp_path):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.cache_dir = str(tmp_path / "cache")
-    train = data.TrainData(c)
-    stream, _ = train._window(0)
+    train = train_data(c)
+    stream, _ = train.window(0)
     assert stream.num_docs == 1
     n = len(stream.tokens)
     assert train.rows_per_epoch == -(-(n - 1) // c.seq_len) > 30_000
-    cached = data.TrainData(c)  # second time: read back from the cache, memory-mapped
-    assert isinstance(cached._window(0)[0].tokens, np.memmap)
+    cached = train_data(c)  # second time: read back from the cache, memory-mapped
+    assert isinstance(cached.window(0)[0].tokens, np.memmap)
     assert _hash(cached.batch_for_step(123)) == _hash(train.batch_for_step(123))
     assert train.batch_for_step(0)["inputs"].shape == (c.batch_size, c.seq_len)
 
@@ -340,19 +357,19 @@ def test_local_text_and_jsonl_files(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"body": "held out"}\n\n{"body": "docs"}\n')
     c = config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.jsonl"), text_key="body")
     c.seq_len = 4
-    train = data.TrainData(c)
-    assert train._window(0)[0].doc_bytes.tolist() == [29, 7]
-    ev = data.EvalData(c)
+    train = train_data(c)
+    assert train.window(0)[0].doc_bytes.tolist() == [29, 7]
+    ev = eval_data(c)
     assert ev.stream.num_docs == 2 and ev.num_bytes == len("held out") + len("docs")
 
 
 def test_split_slices_and_leak_check(tfds_cfg):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.train_split, c.data.eval_split = "train+test", "validation"
-    assert len(data.TrainData(c).docs) == 2
+    assert len(train_data(c).docs) == 2
     c.data.eval_split = "test"
-    with pytest.raises(data.DataError, match="overlaps train split"):
-        data.EvalData(c)
+    with pytest.raises(errors.DataError, match="overlaps train split"):
+        eval_data(c)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -361,66 +378,66 @@ def test_split_slices_and_leak_check(tfds_cfg):
 def test_vocab_mismatch_is_reported_before_reading(tfds_cfg):
     c = tfds_cfg.copy_and_resolve_references()
     c.model.vocab_size = 256
-    with pytest.raises(tk.TokenizerError, match="--config.model.vocab_size=259"):
-        data.TrainData(c)
+    with pytest.raises(errors.TokenizerError, match="--config.model.vocab_size=259"):
+        train_data(c)
 
 
 def test_unknown_dataset_suggests_close_names():
-    with pytest.raises(data.DataError, match="Did you mean: tiny_shakespeare"):
-        data.TrainData(config(tfds_name="tiny_shakespear"))
+    with pytest.raises(errors.DataError, match="Did you mean: tiny_shakespeare"):
+        train_data(config(tfds_name="tiny_shakespear"))
 
 
 def test_missing_text_key_lists_features(tfds_cfg):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.text_key = "content"
-    with pytest.raises(data.DataError, match=r"features are \['text'\]"):
-        data.TrainData(c)
+    with pytest.raises(errors.DataError, match=r"features are \['text'\]"):
+        train_data(c)
 
 
 def test_bad_and_empty_splits(tfds_cfg):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.train_split = "trian"
-    with pytest.raises(data.DataError, match="Available splits: .*'train'"):
-        data.TrainData(c)
+    with pytest.raises(errors.DataError, match="Available splits: .*'train'"):
+        train_data(c)
     c.data.train_split = "train[:0]"
-    with pytest.raises(data.DataError, match="is empty"):
-        data.TrainData(c)
+    with pytest.raises(errors.DataError, match="is empty"):
+        train_data(c)
 
 
 def test_manual_dir_without_input_txt(tmp_path):
     (tmp_path / "manual").mkdir()
     c = config(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
-    with pytest.raises(data.DataError, match="has no input.txt: copy .*input.txt"):
-        data.TrainData(c)
+    with pytest.raises(errors.DataError, match="has no input.txt: copy .*input.txt"):
+        train_data(c)
 
 
 def test_local_file_errors(tmp_path):
-    with pytest.raises(data.DataError, match="no file matches"):
-        data.TrainData(config(train_files=str(tmp_path / "nope.txt"), eval_files=str(tmp_path / "nope.txt")))
+    with pytest.raises(errors.DataError, match="no file matches"):
+        train_data(config(train_files=str(tmp_path / "nope.txt"), eval_files=str(tmp_path / "nope.txt")))
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "e.txt").write_text("some held-out text")
-    with pytest.raises(data.DataError, match="has no text"):
-        data.TrainData(config(train_files=str(tmp_path / "empty.txt"), eval_files=str(tmp_path / "e.txt")))
+    with pytest.raises(errors.DataError, match="has no text"):
+        train_data(config(train_files=str(tmp_path / "empty.txt"), eval_files=str(tmp_path / "e.txt")))
     (tmp_path / "t.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(data.DataError, match=r"no field 'text'; its fields are \['content'\]"):
-        data.TrainData(config(train_files=str(tmp_path / "t.jsonl"), eval_files=str(tmp_path / "e.txt")))
-    with pytest.raises(data.DataError, match="eval_files"):
-        data.EvalData(config(train_files=str(tmp_path / "e.txt")))
-    with pytest.raises(data.DataError, match="eval files are also training files"):
-        data.EvalData(config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.txt")))
+    with pytest.raises(errors.DataError, match=r"no field 'text'; its fields are \['content'\]"):
+        train_data(config(train_files=str(tmp_path / "t.jsonl"), eval_files=str(tmp_path / "e.txt")))
+    with pytest.raises(errors.DataError, match="eval_files"):
+        eval_data(config(train_files=str(tmp_path / "e.txt")))
+    with pytest.raises(errors.DataError, match="eval files are also training files"):
+        eval_data(config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.txt")))
 
 
 def test_bad_packing_and_missing_special_tokens(tmp_path):
     (tmp_path / "t.txt").write_text("text " * 20)
     (tmp_path / "e.txt").write_text("held out")
     files = dict(train_files=str(tmp_path / "t.txt"), eval_files=str(tmp_path / "e.txt"))
-    with pytest.raises(data.DataError, match="packing must be one of"):
-        data.TrainData(config(packing="greedy", **files))
+    with pytest.raises(errors.ConfigError, match="data.packing='greedy' is not one of"):
+        train_data(config(packing="greedy", **files))
 
     class NoSpecials(IntTokenizer):
         bos_id = eos_id = pad_id = None
 
     c = config(**files)
     c.model.vocab_size = NoSpecials().vocab_size
-    with pytest.raises(data.DataError, match="add_bos=False"):
-        data.TrainData(c, NoSpecials())
+    with pytest.raises(errors.DataError, match="add_bos=False"):
+        train_data(c, NoSpecials())

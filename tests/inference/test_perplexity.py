@@ -1,6 +1,6 @@
 """Perplexity evaluation: exact losses against direct forwards, sliding windows, counts, workdirs, CLI.
 
-Token counting convention (llama_jax/data.py, "Held-out eval"): a document is tokenized [BOS] ids [EOS] and
+Token counting convention (llama_jax/data/__init__.py, "Held-out eval"): a document is tokenized [BOS] ids [EOS] and
 BOS is never scored, so a text of n tokens scores n + 1 (the byte tokenizer: len(text.encode()) + 1), and
 bits/byte divides by exactly len(text.encode()).
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -19,14 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tests.helpers import REPO
 from scipy.special import log_softmax
 
-from llama_jax import checkpoint, data, evaluation, workdir
-from llama_jax.config import preset
-from llama_jax.model import Llama, init_params, param_shapes
-from llama_jax.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
+from llama_jax import checkpoint, data, inference
+from llama_jax.data import ByteTokenizer, DataConfig, load_tokenizer
+from llama_jax.errors import CheckpointError, DataError, TokenizerError
+from llama_jax.model import Llama, init_params, param_shapes, preset
+from tests.helpers import REPO
 
 CFG = preset("tiny")  # max_seq_len 128, vocab 384
 TEXT = "Héllo, wörld! Ünïcödé bytes — and a few more words to make it longer.\n"
@@ -34,12 +32,12 @@ TEXT = "Héllo, wörld! Ünïcödé bytes — and a few more words to make it lo
 
 @pytest.fixture(scope="module")
 def mesh():
-    return workdir.inference_mesh(data=-1)  # all 8 emulated devices, data parallel
+    return inference.inference_mesh(data=-1)  # all 8 emulated devices, data parallel
 
 
 @pytest.fixture(scope="module")
 def rules():
-    return workdir.workdir_rules({})
+    return inference.workdir_rules({})
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +48,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def sharded_params(params, mesh, rules):
-    return jax.device_put(params, workdir.param_shardings(CFG, mesh, rules))
+    return jax.device_put(params, inference.param_shardings(CFG, mesh, rules))
 
 
 def token_nlls(params, cfg, contexts: list[list[int]], targets: list[int]) -> np.ndarray:
@@ -75,9 +73,9 @@ def stream_of(text: str, tokenizer=None) -> list[int]:
 @pytest.mark.parametrize("spans", [[(0, 30)], [(0, 9)], [(0, 2), (2, 13), (13, 14), (14, 40)]])
 def test_windows_score_every_target_once_with_the_promised_context(stride, spans):
     L = 8
-    w = evaluation.window_layout([a for a, _ in spans], [b for _, b in spans], L, stride)
+    w = data.window_layout([a for a, _ in spans], [b for _, b in spans], L, stride)
     scored = {}  # stream position -> tokens of context it was predicted from
-    for s, n, f in zip(w.start, w.length, w.first_scored):
+    for s, n, f in zip(w.start, w.length, w.first):
         assert 1 <= n <= L and 0 <= f < n
         for col in range(f, n):
             t = s + col + 1
@@ -99,9 +97,9 @@ def test_windows_score_every_target_once_with_the_promised_context(stride, spans
 
 def test_no_stride_windows_are_the_concat_rows():
     docs = data.Documents.from_texts(["first document, fairly long " * 3, "two", "", "x"])
-    ev = data.EvalData.from_documents(docs, ByteTokenizer(), seq_len=16, batch_size=4)
+    ev = data.eval_windows(docs, ByteTokenizer(), seq_len=16, batch_size=4)
     n = len(ev.stream.tokens)
-    windowed = evaluation.WindowedEval(ev, evaluation.window_layout([0], [n], 16), 4)
+    windowed = data.EvalData(ev.stream, data.window_layout([0], [n], 16), ByteTokenizer(), batch_size=4)
     assert (windowed.num_tokens, windowed.num_bytes) == (ev.num_tokens, ev.num_bytes)
     pairs = list(zip(ev.batches(process_index=0, process_count=1), windowed.batches(process_index=0, process_count=1)))
     assert len(pairs) == ev.num_batches == windowed.num_batches
@@ -116,8 +114,8 @@ def test_stride_keeps_token_and_byte_counts(packing):
     texts = ["A long document that spans several windows of sixteen tokens. " * 4, "ünï", "short one"]
     docs = data.Documents.from_texts(texts)
     counts = set()
-    for stride in (None, 1, 5, 16):
-        ev = evaluation.eval_windows(docs, ByteTokenizer(), seq_len=16, batch_size=8, stride=stride, packing=packing)
+    for stride in (0, 1, 5, 16):
+        ev = data.eval_windows(docs, ByteTokenizer(), DataConfig(packing=packing), seq_len=16, batch_size=8, stride=stride)
         masks = [b["loss_mask"].sum() for b in ev.batches(process_index=0, process_count=1)]
         byts = [b["target_bytes"].sum() for b in ev.batches(process_index=0, process_count=1)]
         assert sum(masks) == ev.num_tokens and sum(byts) == ev.num_bytes
@@ -128,18 +126,18 @@ def test_stride_keeps_token_and_byte_counts(packing):
 
 def test_bad_stride_and_empty_text_are_clear_errors():
     docs = data.Documents.from_texts([TEXT])
-    with pytest.raises(data.DataError, match="stride"):
-        evaluation.eval_windows(docs, ByteTokenizer(), seq_len=16, batch_size=8, stride=17)
-    with pytest.raises(data.DataError, match="no text"):
-        evaluation.eval_windows(data.Documents.from_texts([""]), ByteTokenizer(), seq_len=16, batch_size=8)
+    with pytest.raises(DataError, match="stride"):
+        data.eval_windows(docs, ByteTokenizer(), seq_len=16, batch_size=8, stride=17)
+    with pytest.raises(DataError, match="no text"):
+        data.eval_windows(data.Documents.from_texts([""]), ByteTokenizer(), seq_len=16, batch_size=8)
 
 
 # ---------------------------------------------------------------------- exact losses
 def test_loss_equals_a_direct_full_forward(params, sharded_params, mesh, rules):
     ids = stream_of(TEXT)
     assert len(ids) <= 128  # one window
-    ev = evaluation.eval_windows(data.Documents.from_texts([TEXT]), ByteTokenizer(), seq_len=128, batch_size=8)
-    got = evaluation.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
+    ev = data.eval_windows(data.Documents.from_texts([TEXT]), ByteTokenizer(), seq_len=128, batch_size=8)
+    got = inference.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
 
     logits = Llama(CFG).apply({"params": params}, jnp.asarray([ids[:-1]]))
     logp = log_softmax(np.asarray(logits[0], np.float64), axis=-1)
@@ -159,8 +157,8 @@ def test_each_token_is_scored_with_exactly_its_window_context(params, sharded_pa
     L = 16
     text = TEXT[:45]
     ids = stream_of(text)
-    ev = evaluation.eval_windows(data.Documents.from_texts([text]), ByteTokenizer(), seq_len=L, batch_size=8, stride=stride)
-    got = evaluation.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
+    ev = data.eval_windows(data.Documents.from_texts([text]), ByteTokenizer(), seq_len=L, batch_size=8, stride=stride)
+    got = inference.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
     ts = range(1, len(ids))
     starts = [max(0, t - L) if stride == 1 else (t - 1) // L * L for t in ts]
     nll = token_nlls(params, CFG, [ids[s:t] for s, t in zip(starts, ts)], [ids[t] for t in ts])
@@ -177,7 +175,7 @@ def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
     assert (tok.bos_id, tok.eos_id) == (0, 1)
     f = tmp_path / "t.txt"
     f.write_text(TEXT, encoding="utf-8")
-    got = evaluation.evaluate_workdir(hf_workdir, text_file=str(f))
+    got = inference.evaluate_workdir(hf_workdir, text_file=str(f))
     ids = stream_of(TEXT, tok)
     nll = token_nlls(params, cfg, [ids[:t] for t in range(1, len(ids))], ids[1:])
     assert got["tokens"] == len(tok.encode(TEXT)) + 1 and got["bytes"] == len(TEXT.encode())
@@ -188,10 +186,10 @@ def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
 
 def test_trained_workdir_held_out_split_and_stride(trained_tiny_workdir):
     eval_text = (trained_tiny_workdir.parent / "data" / "eval.txt").read_text(encoding="utf-8")
-    plain = evaluation.evaluate_workdir(trained_tiny_workdir)  # the workdir's own data.eval_files
+    plain = inference.evaluate_workdir(trained_tiny_workdir)  # the workdir's own data.eval_files
     assert plain["tokens"] == len(eval_text.encode()) + 1 and plain["bytes"] == len(eval_text.encode())
     assert (plain["seq_len"], plain["step"], plain["batch_size"]) == (64, 20, 8)
-    strided = evaluation.evaluate_workdir(trained_tiny_workdir, stride=32)
+    strided = inference.evaluate_workdir(trained_tiny_workdir, stride=32)
     assert (strided["tokens"], strided["bytes"]) == (plain["tokens"], plain["bytes"])
     assert plain["loss"] < math.log(CFG.vocab_size)  # it learned something
     assert abs(strided["loss"] - plain["loss"]) < 0.1
@@ -209,23 +207,23 @@ def test_eval_ppl_cli(trained_tiny_workdir, tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     n_bytes = len((TEXT * 3).encode())
     assert (result["tokens"], result["bytes"], result["stride"]) == (n_bytes + 1, n_bytes, 16)
-    expected = evaluation.evaluate_workdir(trained_tiny_workdir, text_file=str(f), stride=16)
+    expected = inference.evaluate_workdir(trained_tiny_workdir, text_file=str(f), stride=16)
     for key in ("loss", "perplexity", "bits_per_byte"):
         assert result[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
 # ---------------------------------------------------------------------- errors
 def test_missing_workdir_checkpoint_and_text_file_are_clear_errors(trained_tiny_workdir, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="does not exist.*experiments.train"):
-        evaluation.evaluate_workdir(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist.*experiments.train"):
+        inference.evaluate_workdir(tmp_path / "nope")
     empty = tmp_path / "no_ckpt"
     empty.mkdir()
     shutil.copy(trained_tiny_workdir / "config.json", empty / "config.json")
     shutil.copytree(trained_tiny_workdir / "tokenizer", empty / "tokenizer")
-    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
-        evaluation.evaluate_workdir(empty)
-    with pytest.raises(data.DataError, match="missing.txt does not exist"):
-        evaluation.evaluate_workdir(trained_tiny_workdir, text_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        inference.evaluate_workdir(empty)
+    with pytest.raises(DataError, match="missing.txt does not exist"):
+        inference.evaluate_workdir(trained_tiny_workdir, text_file=str(tmp_path / "missing.txt"))
 
 
 def test_tokenizer_larger_than_model_vocab_is_a_clear_error(trained_tiny_workdir, tmp_path):
@@ -236,4 +234,4 @@ def test_tokenizer_larger_than_model_vocab_is_a_clear_error(trained_tiny_workdir
     (small / "config.json").write_text(json.dumps(cfg))
     shutil.copytree(trained_tiny_workdir / "tokenizer", small / "tokenizer")
     with pytest.raises(TokenizerError, match="vocab_size=259"):
-        evaluation.evaluate_workdir(small)
+        inference.evaluate_workdir(small)

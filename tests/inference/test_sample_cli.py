@@ -4,12 +4,11 @@ on a trained workdir and an HF-imported one (params sharded over a tensor-parall
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 
 from llama_jax import inference
-
+from tests.helpers import REPO
 
 
 def run_sample(*args) -> subprocess.CompletedProcess:
@@ -26,9 +25,9 @@ def run_sample(*args) -> subprocess.CompletedProcess:
 
 def expected_text(path, prompt: str, max_new_tokens: int, **sampling_args) -> tuple[str, list[int]]:
     """What the CLI should print, from generate() on params restored unsharded on one device."""
-    model_config, params, tok, _ = workdir.load_workdir(path)
+    model_config, params, tok, _ = inference.load_workdir(path)
     prompt_ids = [tok.bos_id, *tok.encode(prompt)]
-    new = sampling.generate(
+    new = inference.generate(
         params, model_config, [prompt_ids], max_new_tokens=max_new_tokens, eos_id=tok.eos_id, **sampling_args
     )[0]
     if tok.eos_id in new:

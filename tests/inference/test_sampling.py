@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.config import preset
-from llama_jax.model import Llama, init_params, stack_layers
 from llama_jax.inference import generate, sample_logits, top_p_mask
+from llama_jax.model import Llama, init_params, preset, stack_layers
 
 CFG = preset("tiny")
 

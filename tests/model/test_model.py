@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax.model import KVCache, Llama, init_params, preset, stack_layers, to_layout, unstack_layers
 from llama_jax.model.attention import (
     causal_attention,
     dot_product_attention,
@@ -15,7 +16,6 @@ from llama_jax.model.attention import (
     splash_attention,
     xla_attention,
 )
-from llama_jax.model import KVCache, Llama, init_params, preset, stack_layers, to_layout, unstack_layers
 from llama_jax.model.linear import dense
 from llama_jax.model.mlp import Mlp
 from llama_jax.model.norm import Norm
@@ -473,7 +473,6 @@ def test_num_kv_heads_shapes(kv):
 def test_splash_under_a_sharded_train_step_matches_xla():
     """On a (2,2,2) mesh the Mosaic kernel runs inside shard_map; one train step must equal the XLA path."""
     from llama_jax.experiment import base_config
-    from llama_jax.train import TrainProgram
 
     c = base_config("tiny", num_heads=8, num_kv_heads=4, dim=128, max_seq_len=128)
     c.batch_size, c.seq_len = 8, 128

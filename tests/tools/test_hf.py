@@ -17,15 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tests.helpers import REPO
 import torch
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_jax import checkpoint
-from llama_jax.tools import hf
+from llama_jax import checkpoint, errors
 from llama_jax.model import KVCache, Llama, param_shapes
+from llama_jax.tools import hf
+from tests.helpers import REPO
 
 PARITY_TOL = 1e-4
 BATCH, SEQ = 2, 256  # positions up to 255: 4x the llama3 config's original_max_position_embeddings
@@ -332,7 +331,7 @@ def test_bf16_safetensors(small_hf_dir, tmp_path):
 def test_rejects_unsupported_config(small_hf_dir, tmp_path, changes, message):
     d = copy_dir(small_hf_dir, tmp_path / "m")
     edit_config(d, **changes)
-    with pytest.raises(hf.HFImportError) as e:
+    with pytest.raises(errors.HFImportError) as e:
         hf.load_hf_llama(d)
     assert message in str(e.value) and str(d / "config.json") in str(e.value)
 
@@ -347,7 +346,7 @@ def rewrite_weights(d: pathlib.Path, fn) -> None:
 def test_rejects_missing_weight(small_hf_dir, tmp_path):
     d = copy_dir(small_hf_dir, tmp_path / "m")
     rewrite_weights(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
-    with pytest.raises(hf.HFImportError, match="missing weight") as e:
+    with pytest.raises(errors.HFImportError, match="missing weight") as e:
         hf.load_hf_llama(d)
     assert "model.layers.1.mlp.down_proj.weight" in str(e.value) and str(d / "model.safetensors") in str(
         e.value
@@ -358,7 +357,7 @@ def test_rejects_misshaped_weight(small_hf_dir, tmp_path):
     d = copy_dir(small_hf_dir, tmp_path / "m")
     name = "model.layers.0.self_attn.k_proj.weight"  # [KV*hd, D] = [32, 64]
     rewrite_weights(d, lambda t: t.update({name: np.zeros((64, 64), np.float32)}))
-    with pytest.raises(hf.HFImportError) as e:
+    with pytest.raises(errors.HFImportError) as e:
         hf.load_hf_llama(d)
     msg = str(e.value)
     assert name in msg and "(64, 64)" in msg and "(32, 64)" in msg and str(d / "model.safetensors") in msg
@@ -368,7 +367,7 @@ def test_rejects_quantized_weight(small_hf_dir, tmp_path):
     d = copy_dir(small_hf_dir, tmp_path / "m")
     name = "model.layers.0.mlp.up_proj.weight"
     rewrite_weights(d, lambda t: t.update({name: t[name].astype(np.int8)}))
-    with pytest.raises(hf.HFImportError, match=rf"{name} has dtype I8"):
+    with pytest.raises(errors.HFImportError, match=rf"{name} has dtype I8"):
         hf.load_hf_llama(d)
 
 
@@ -377,7 +376,7 @@ def test_rejects_unexpected_weight(small_hf_dir, tmp_path):
     rewrite_weights(
         d, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)})
     )
-    with pytest.raises(hf.HFImportError, match=r"q_norm\.weight \(model\.safetensors\)"):
+    with pytest.raises(errors.HFImportError, match=r"q_norm\.weight \(model\.safetensors\)"):
         hf.load_hf_llama(d)
 
 
@@ -386,7 +385,7 @@ def test_tied_checkpoint_with_a_different_head_is_rejected(small_hf_dir, tmp_pat
     rewrite_weights(d, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
     hf.load_hf_llama(d)  # an explicit copy of the embedding is fine
     rewrite_weights(d, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
-    with pytest.raises(hf.HFImportError, match="lm_head.weight differs"):
+    with pytest.raises(errors.HFImportError, match="lm_head.weight differs"):
         hf.load_hf_llama(d)
 
 
@@ -395,7 +394,7 @@ def test_rejects_dir_without_safetensors(small_hf_dir, tmp_path):
     d.mkdir()
     shutil.copy(small_hf_dir / "config.json", d)
     (d / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(hf.HFImportError, match=r"no model\.safetensors.*pytorch_model\.bin.*save_pretrained"):
+    with pytest.raises(errors.HFImportError, match=r"no model\.safetensors.*pytorch_model\.bin.*save_pretrained"):
         hf.load_hf_llama(d)
 
 
@@ -408,16 +407,16 @@ def test_export_refuses_non_empty_dir_and_writes_nothing_on_failure(small_hf_dir
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(hf.HFExportError, match="not empty"):
+    with pytest.raises(errors.HFExportError, match="not empty"):
         hf.save_hf_llama(cfg, params, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     # Failures after the temp dir exists: an unexportable architecture, and params missing a tensor.
-    with pytest.raises(hf.HFExportError, match="qk_norm=True"):
+    with pytest.raises(errors.HFExportError, match="qk_norm=True"):
         hf.save_hf_llama(cfg.replace(qk_norm=True), params, tmp_path / "new")
     broken = dict(params)
     del broken["final_norm"]
-    with pytest.raises(hf.HFExportError, match="final_norm/scale"):
+    with pytest.raises(errors.HFExportError, match="final_norm/scale"):
         hf.save_hf_llama(cfg, broken, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert leftovers(tmp_path) == []
@@ -477,7 +476,7 @@ def test_convert_hf_command_line_round_trip(small_hf_dir, tmp_path):
     # Neither direction writes into a non-empty target.
     r = convert(f"--hf_dir={src}", f"--workdir={work}")
     assert r.returncode != 0 and "is not empty" in r.stderr
-    with pytest.raises(hf.HFExportError, match="not empty"):
+    with pytest.raises(errors.HFExportError, match="not empty"):
         hf.export_from_workdir(work, out)
     assert leftovers(tmp_path) == []
 

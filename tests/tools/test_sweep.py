@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from llama_jax import errors
 from llama_jax.tools import sweep
 
 
@@ -23,12 +24,12 @@ def test_grid_expansion_and_names():
 
 @pytest.mark.parametrize("bad", ["model.norm", "=a,b", "model.norm="])
 def test_bad_sweep_spec_is_explained(bad):
-    with pytest.raises(sweep.SweepError, match="field=value"):
+    with pytest.raises(errors.SweepError, match="field=value"):
         sweep.parse_sweeps([bad])
 
 
 def test_duplicate_field_is_rejected():
-    with pytest.raises(sweep.SweepError, match="twice"):
+    with pytest.raises(errors.SweepError, match="twice"):
         sweep.parse_sweeps(["seed=1,2", "seed=3"])
 
 
@@ -65,5 +66,5 @@ def test_report_table_mean_std_and_plot(tmp_path):
 
 
 def test_report_names_an_unfinished_run(tmp_path):
-    with pytest.raises(sweep.SweepError, match="seed0"):
+    with pytest.raises(errors.SweepError, match="seed0"):
         sweep.report(str(tmp_path), [{}], [0])

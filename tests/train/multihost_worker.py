@@ -1,6 +1,6 @@
 """One process of the two-host emulation in test_multihost.py: 4 CPU devices, gloo collectives.
 
-    PYTHONPATH=. python tests/multihost_worker.py --port=PORT --process_id={0,1}
+    PYTHONPATH=. python tests/train/multihost_worker.py --port=PORT --process_id={0,1}
 
 Both processes build the same (2, 2, 2) mesh over all 8 devices, each feeds only its own rows of every
 global batch (`process_batch_slice` + `shard_batch`), and each prints one line
@@ -61,8 +61,8 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from llama_jax.sharding import is_main_process, maybe_initialize_distributed
-    from llama_jax.train import TrainProgram
+    from llama_jax.distributed import is_main_process, maybe_initialize_distributed
+    from tests.helpers import program_of
 
     start = time.monotonic()
     assert maybe_initialize_distributed(

@@ -1,6 +1,6 @@
 """Two emulated hosts (processes on 127.0.0.1, 4 CPU devices each, gloo) == one 8-device process.
 
-The workers (tests/multihost_worker.py) train 3 steps on a (2, 2, 2) mesh, so every mesh axis crosses
+The workers (tests/train/multihost_worker.py) train 3 steps on a (2, 2, 2) mesh, so every mesh axis crosses
 or stays within a "host": data spans the two processes, fsdp and tensor stay inside each. Their losses
 must equal this process's run of the same code on its 8 devices.
 """
@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -17,11 +16,9 @@ import time
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, program_of
 
-from llama_jax.train import TrainProgram
-
-WORKER = REPO / "tests" / "multihost_worker.py"
+WORKER = REPO / "tests" / "train" / "multihost_worker.py"
 TIMEOUT_S = 180
 
 

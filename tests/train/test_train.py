@@ -1,7 +1,6 @@
 """The training loop end to end: exact resume after SIGKILL/SIGTERM, interrupted saves, resharded restore,
 fine-tuning starts, logged metrics, and refusing bad input without touching the workdir."""
 
-import importlib.util
 import json
 import math
 import os
@@ -17,15 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import REPO, program_of, train_config
-
-from llama_jax import checkpoint
+from llama_jax import checkpoint, errors
+from llama_jax.checkpoint import config_diff
+from llama_jax.errors import ConfigMismatchError
+from llama_jax.model import Llama, ModelConfig, init_params, preset
 from llama_jax.tools import hf
-from llama_jax.config import ModelConfig, preset
-from llama_jax.train import read_metrics
-from llama_jax.model import Llama, init_params
-from llama_jax.train import ConfigMismatchError, _restore, _save, config_diff, train
-from llama_jax.train import TrainProgram
+from llama_jax.train import read_metrics, restore_state, save_state
+from tests.helpers import REPO, load_config, program_of, train_config
 
 pytestmark = pytest.mark.slow
 
@@ -196,10 +193,7 @@ def test_logged_metrics_and_bits_per_byte_recomputed(straight, shakespeare_path,
 
 
 def _config(data_flags, **overrides):
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("tiny")
     config.data.manual_dir, config.data.data_dir = data_flags
     config.eval_every = 0
     for k, v in overrides.items():
@@ -241,11 +235,11 @@ def test_resharded_restore(tmp_path, data_flags):
     src = program_of(config)
     state = src.init_state(3)
     mngr = checkpoint.manager(str(tmp_path))
-    _save(mngr, state, 5, {"step": 5})
+    save_state(mngr, state, 5, {"step": 5})
     mngr.wait_until_finished()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     dst = program_of(config)
-    restored, data_state = _restore(mngr, dst.abstract_state, 5)
+    restored, data_state = restore_state(mngr, dst.abstract_state, 5)
     mngr.close()
     assert data_state == {"step": 5}
     _assert_bit_identical(restored, state)
@@ -259,14 +253,14 @@ def test_unreadable_checkpoint_names_the_fix(tmp_path, data_flags):
     config = _config(data_flags)
     trainer = program_of(config)
     mngr = checkpoint.manager(str(tmp_path))
-    _save(mngr, trainer.init_state(0), 4, {"step": 4})
+    save_state(mngr, trainer.init_state(0), 4, {"step": 4})
     mngr.wait_until_finished()
     for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "train_state"):
         for f in files:
             if not f.startswith("_"):
                 open(os.path.join(root, f), "wb").write(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="move .*4 aside"):
-        _restore(mngr, trainer.abstract_state, 4)
+    with pytest.raises(errors.CheckpointError, match="move .*4 aside"):
+        restore_state(mngr, trainer.abstract_state, 4)
     mngr.close()
 
 
@@ -292,7 +286,7 @@ def test_init_from_trained_and_hf_imported_workdirs(straight, tmp_path, data_fla
 
     # A fine-tune whose model does not match the source names the mismatching params.
     config = _config(data_flags, init_from=straight, **{**frozen, "model.ffn_dim": 96})
-    with pytest.raises(checkpoint.CheckpointError, match=r"mlp.*down_proj.*\(96, 64\)"):
+    with pytest.raises(errors.CheckpointError, match=r"mlp.*down_proj.*\(96, 64\)"):
         train_config(config, str(tmp_path / "ft_bad"))
 
 

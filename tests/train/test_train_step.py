@@ -12,12 +12,19 @@ import numpy as np
 import pytest
 
 from llama_jax import sharding
-from llama_jax.train import optim
-from llama_jax.config import ModelConfig
+from llama_jax.errors import ConfigError, TrainingHalted
 from llama_jax.experiment import base_config
-from llama_jax.model import Llama, param_shapes, stack_layers, unstack_layers
-from llama_jax.model import path_str
-from llama_jax.train_step import SkipGuard, TrainProgram, TrainingHalted, TrainState, check_skips, loss_sums
+from llama_jax.model import (
+    Llama,
+    ModelConfig,
+    loss_sums,
+    param_shapes,
+    path_str,
+    stack_layers,
+    unstack_layers,
+)
+from llama_jax.train import OptimizerConfig, Run, SkipGuard, TrainProgram, TrainState, check_skips, optim
+from tests.helpers import program_of
 
 # num_kv_heads=4 so that tensor=4 divides it; all dims divisible by 8; biases and q/k norms on so that
 # every partition rule is exercised.
@@ -60,11 +67,11 @@ def make_batch(seed: int, batch: int = BATCH, seq: int = SEQ) -> dict[str, np.nd
 
 
 def single_device_mesh():
-    return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    return sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
 def mesh_of(data, fsdp, tensor):
-    return sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor))
+    return sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
 
 
 def flat(tree):
@@ -141,7 +148,7 @@ def test_scanned_layers_use_the_same_rules(reference):
     init = reference["init"]
     params = stack_layers(init.params)
     host = TrainState(
-        step=init.step, params=params, opt_state=trainer.tx.init(params), rng=init.rng,
+        step=init.step, params=params, opt_state=trainer.tx.init(params),
         consecutive_skips=init.consecutive_skips,
     )
     state, metrics = trainer.train_step(fresh(trainer, host), trainer.shard_batch(make_batch(0)))
@@ -212,8 +219,10 @@ def test_nan_batch_is_skipped_and_streak_halts(reference):
     bad["loss_mask"][3, 5] = np.nan
     state = fresh(trainer, init)
     guard = SkipGuard(max_consecutive_skips=2)
+    run = Run(program=trainer, state=state, num_steps=100, start=0)
     state, m1 = trainer.train_step(state, trainer.shard_batch(bad))
-    guard(m1)
+    run.done, run.metrics = 1, m1
+    guard(run)
     m1 = jax.device_get(m1)
     assert m1["skipped"] == 1 and m1["consecutive_skips"] == 1 and m1["update_norm"] == 0.0
     host = jax.device_get(state)
@@ -224,12 +233,14 @@ def test_nan_batch_is_skipped_and_streak_halts(reference):
     check_skips(m1, max_consecutive_skips=2)  # one skip: no halt
 
     state, m2 = trainer.train_step(state, trainer.shard_batch(bad))
-    guard(m2)  # checks m1 (streak 1): no halt yet
+    run.done, run.metrics = 2, m2
+    guard(run)  # checks m1 (streak 1): no halt yet
     assert int(m2["consecutive_skips"]) == 2
     with pytest.raises(TrainingHalted, match=r"2 consecutive train steps had a non-finite"):
         check_skips(m2, max_consecutive_skips=2)
+    run.done = run.num_steps
     with pytest.raises(TrainingHalted):
-        guard.flush()  # the deferred check of m2
+        guard(run)  # at the last step the deferred check of m2 runs too
 
     # A finite batch applies the update the skipped steps did not, and resets the streak.
     state, m3 = trainer.train_step(state, trainer.shard_batch(make_batch(0)))
@@ -255,7 +266,7 @@ def test_weight_decay_mask_touches_exactly_kernels():
 
     # The optimizer applies it: with zero gradients AdamW's update is exactly -lr * wd * param, masked.
     c.optimizer.schedule, c.optimizer.warmup_steps, c.optimizer.lr, c.optimizer.weight_decay = "constant", 0, 0.5, 0.1
-    tx, _ = optim.make_optimizer(c.optimizer, total_steps=10)
+    tx = optim.make_optimizer(OptimizerConfig.from_dict(c.optimizer), total_steps=10)
     params = jax.tree.map(lambda s: jnp.full(s.shape, 2.0, s.dtype), shapes)
     updates, opt_state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     for path, u in flat(updates).items():
@@ -278,10 +289,7 @@ def test_weight_decay_mask_touches_exactly_kernels():
     ],
 )
 def test_schedule_values(schedule, extra, expected):
-    c = base_config().optimizer
-    c.lr, c.warmup_steps, c.min_lr_ratio, c.schedule = 1.0, 10, 0.1, schedule
-    for k, v in extra.items():
-        c[k] = v
+    c = OptimizerConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule=schedule, **extra)
     fn = optim.make_schedule(c, total_steps=110)
     for step, lr in expected.items():
         assert math.isclose(float(fn(step)), lr, rel_tol=1e-5), (schedule, step, float(fn(step)), lr)
@@ -290,9 +298,7 @@ def test_schedule_values(schedule, extra, expected):
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
 def test_each_optimizer_descends(name):
     """Every optimizer lowers a quadratic with the same config plumbing (name, schedule, clipping)."""
-    c = base_config().optimizer
-    c.name, c.lr, c.warmup_steps, c.schedule = name, 0.05, 0, "constant"
-    tx, _ = optim.make_optimizer(c, total_steps=100)
+    tx = optim.make_optimizer(OptimizerConfig(name=name, lr=0.05, warmup_steps=0, schedule="constant"), 100)
     params = {"w": {"kernel": jnp.full((4, 4), 2.0)}}
     state = tx.init(params)
     loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2)
@@ -304,10 +310,7 @@ def test_each_optimizer_descends(name):
 
 
 def test_unknown_optimizer_and_schedule_are_errors():
-    c = base_config().optimizer
-    c.name = "sgdd"
-    with pytest.raises(ValueError, match=r"optimizer.name='sgdd' is not one of"):
-        optim.make_optimizer(c, total_steps=10)
-    c.name, c.schedule = "adamw", "cosin"
-    with pytest.raises(ValueError, match=r"optimizer.schedule='cosin' is not one of"):
-        optim.make_optimizer(c, total_steps=10)
+    with pytest.raises(ConfigError, match=r"optimizer.name='sgdd' is not one of"):
+        OptimizerConfig(name="sgdd")
+    with pytest.raises(ConfigError, match=r"optimizer.schedule='cosin' is not one of"):
+        OptimizerConfig.from_dict({"schedule": "cosin"})
