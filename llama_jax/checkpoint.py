@@ -262,7 +262,7 @@ def check_resume_config(workdir, new: dict) -> None:
         line for line in config_diff(_resolved_model(old), _resolved_model(new))
         if line.split(":")[0] not in RUN_CONTROL_FIELDS
     ]
-    if diff and not new.get("allow_config_change", False):
+    if diff and not new["allow_config_change"]:
         shown = "\n  ".join(diff)
         raise ConfigMismatchError(
             f"{workdir} was trained with a different config; resuming would mix two experiments:\n  {shown}\n"

@@ -22,9 +22,9 @@ def load_config(name: str):
 
 def run_module(*args: str, timeout: int = 600, env: dict | None = None, check: bool = False):
     """`python -m ARGS...` from the repo root on the CPU; returns the CompletedProcess (text output)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONIOENCODING": "utf-8", **(env or {})}
     r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+                       encoding="utf-8", timeout=timeout)
     if check:
         assert r.returncode == 0, f"python -m {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r

@@ -1,4 +1,4 @@
-"""Params-only checkpoints: shape checks that name every param, and restoring across scan_layers layouts."""
+"""Checkpoints: shape checks that name every param, restoring across scan_layers layouts, older layouts."""
 
 import jax
 import numpy as np
@@ -45,3 +45,21 @@ def test_missing_checkpoint_names_the_fix(tmp_path):
         checkpoint.restore_params(tmp_path, param_shapes(CFG))
     with pytest.raises(errors.CheckpointError, match="not a llama_jax workdir"):
         checkpoint.read_config(tmp_path)
+
+
+def test_a_train_state_from_the_older_layout_is_refused_with_the_fix(tmp_path):
+    """Workdirs written before the dropout rng was deleted hold an "rng" leaf in their train state: resuming
+    them is refused with what to do, and their params still restore (evaluation and sampling work)."""
+    params = init_params(CFG, jax.random.key(0))
+    mngr = checkpoint.manager(tmp_path)
+    old_rest = {"opt_state": {}, "step": np.int32(4), "rng": np.zeros(2, np.uint32), "consecutive_skips": np.int32(0)}
+    checkpoint.save_train_state(mngr, 4, params, old_rest, {"step": 4})
+    mngr.wait_until_finished()
+    rest = {"opt_state": {}, "step": jax.ShapeDtypeStruct((), np.int32),
+            "consecutive_skips": jax.ShapeDtypeStruct((), np.int32)}
+    with pytest.raises(errors.CheckpointError, match=r"older llama_jax.*--config.init_from="):
+        checkpoint.restore_train_state(mngr, 4, param_shapes(CFG), rest)
+    mngr.close()
+    got = checkpoint.restore_params(tmp_path, param_shapes(CFG))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)

@@ -2,23 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import run_module
 
 pytestmark = pytest.mark.slow
 
 
 
 def _run(args, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r.stdout
+    return run_module(*args, timeout=timeout, check=True).stdout
 
 
 def test_main_job_trains_evaluates_and_samples(tmp_path, tfds_manual_dir, tfds_data_dir):

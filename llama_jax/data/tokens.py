@@ -62,13 +62,7 @@ def tokenize(
     ).hexdigest()[:24]
     cached = os.path.join(cache_dir, key) if cache_dir else ""
     if cached and os.path.exists(os.path.join(cached, "doc_bytes.npy")):
-        return TokenStream(
-            np.load(os.path.join(cached, "tokens.npy"), mmap_mode="r"),
-            np.load(os.path.join(cached, "doc_starts.npy")),
-            np.load(os.path.join(cached, "doc_bytes.npy")),
-            add_bos,
-            add_eos,
-        )
+        return _read_cache(cached, add_bos, add_eos)
 
     dtype = _stream_dtype(tokenizer)
     bos = np.array([tokenizer.bos_id] if add_bos else [], dtype)
@@ -100,13 +94,28 @@ def tokenize(
     doc_starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     stream = TokenStream(tokens, doc_starts, np.asarray(nbytes, np.int64), add_bos, add_eos)
     if cached:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=key + ".tmp")
-        np.save(os.path.join(tmp, "tokens.npy"), tokens)
-        np.save(os.path.join(tmp, "doc_starts.npy"), doc_starts)
-        np.save(os.path.join(tmp, "doc_bytes.npy"), stream.doc_bytes)
-        try:
-            os.rename(tmp, cached)  # atomic: concurrent writers (other hosts) produce identical files
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_cache(cached, stream)
     return stream
+
+
+def _read_cache(cached: str, add_bos: bool, add_eos: bool) -> TokenStream:
+    return TokenStream(
+        np.load(os.path.join(cached, "tokens.npy"), mmap_mode="r"),
+        np.load(os.path.join(cached, "doc_starts.npy")),
+        np.load(os.path.join(cached, "doc_bytes.npy")),
+        add_bos,
+        add_eos,
+    )
+
+
+def _write_cache(cached: str, stream: TokenStream) -> None:
+    cache_dir, key = os.path.split(cached)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=key + ".tmp")
+    np.save(os.path.join(tmp, "tokens.npy"), stream.tokens)
+    np.save(os.path.join(tmp, "doc_starts.npy"), stream.doc_starts)
+    np.save(os.path.join(tmp, "doc_bytes.npy"), stream.doc_bytes)
+    try:
+        os.rename(tmp, cached)  # atomic: concurrent writers (other hosts) produce identical files
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -354,18 +354,43 @@ def load_hf_llama(hf_dir, *, scan_layers: bool = False, dtype: str | None = None
     """
     hf_dir = pathlib.Path(hf_dir)
     config_path = hf_dir / CONFIG_FILE
+    cfg = _read_hf_config(config_path)
+    specs = _tensor_specs(cfg)
+    files = _weight_files(hf_dir)
+    tied_head = cfg.tie_embeddings and "lm_head.weight" in files
+    _check_tensor_names(hf_dir, config_path, specs, files, tied_head)
+    by_file: dict[pathlib.Path, list[_Tensor]] = {}
+    for s in specs:
+        by_file.setdefault(files[s.hf_name], []).append(s)
+    # Pass 1, headers only: shapes and dtypes are checked before any tensor is read.
+    param_dtype = _storage_dtype(_check_headers(by_file, config_path), dtype)
+    cfg = cfg.replace(param_dtype=param_dtype, scan_layers=scan_layers)
+    # Pass 2: one tensor at a time, read -> transpose/reshape -> cast -> jax array, so host memory peaks at
+    # about one model in the target dtype plus one tensor (this matters at 8B+).
+    params: dict = {}
+    for path, file_specs in by_file.items():
+        with safe_open(path, framework="np") as f:
+            for s in file_specs:
+                w = s.to_ours(f.get_tensor(s.hf_name)).astype(jnp.dtype(param_dtype))
+                _set(params, s.path, jnp.asarray(w))
+    if tied_head:
+        _check_tied_head(files)
+    return cfg, model.to_layout(params, cfg)
+
+
+def _read_hf_config(config_path: pathlib.Path) -> ModelConfig:
     if not config_path.exists():
         raise HFImportError(f"{config_path} does not exist; point --hf_dir at an HF model directory.")
     try:
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise HFImportError(f"{config_path} is not valid JSON: {e}") from e
-    cfg = config_from_hf(hf_config, where=str(config_path))
-    specs = _tensor_specs(cfg)
-    files = _weight_files(hf_dir)
+    return config_from_hf(hf_config, where=str(config_path))
 
+
+def _check_tensor_names(hf_dir, config_path, specs: list[_Tensor], files: dict, tied_head: bool) -> None:
+    """Every tensor the config implies is present, and nothing else is (rotary caches aside)."""
     expected = {s.hf_name for s in specs}
-    tied_head = cfg.tie_embeddings and "lm_head.weight" in files
     unknown = sorted(
         n
         for n in files
@@ -391,11 +416,9 @@ def load_hf_llama(hf_dir, *, scan_layers: bool = False, dtype: str | None = None
             "the checkpoint is incomplete or config.json does not describe it."
         )
 
-    by_file: dict[pathlib.Path, list[_Tensor]] = {}
-    for s in specs:
-        by_file.setdefault(files[s.hf_name], []).append(s)
 
-    # Pass 1, headers only: shapes and dtypes are checked before any tensor is read.
+def _check_headers(by_file: dict[pathlib.Path, list[_Tensor]], config_path) -> set[str]:
+    """Shapes and dtypes from the safetensors headers (no tensor read); returns the stored dtypes."""
     stored_dtypes = set()
     for path, file_specs in by_file.items():
         with safe_open(path, framework="np") as f:
@@ -418,29 +441,20 @@ def load_hf_llama(hf_dir, *, scan_layers: bool = False, dtype: str | None = None
                         f"({sorted(_FLOAT_DTYPES)}) import."
                     )
                 stored_dtypes.add(_FLOAT_DTYPES[info.get_dtype()])
-    param_dtype = _storage_dtype(stored_dtypes, dtype)
-    cfg = cfg.replace(param_dtype=param_dtype, scan_layers=scan_layers)
+    return stored_dtypes
 
-    # Pass 2: one tensor at a time, read -> transpose/reshape -> cast -> jax array, so host memory peaks at
-    # about one model in the target dtype plus one tensor (this matters at 8B+).
-    params: dict = {}
-    for path, file_specs in by_file.items():
-        with safe_open(path, framework="np") as f:
-            for s in file_specs:
-                w = s.to_ours(f.get_tensor(s.hf_name)).astype(jnp.dtype(param_dtype))
-                _set(params, s.path, jnp.asarray(w))
-    if tied_head:
-        # Some tied checkpoints store the head anyway; accept it only if it really is the embedding.
-        with safe_open(files["lm_head.weight"], framework="np") as f:
-            head = f.get_tensor("lm_head.weight")
-        with safe_open(files["model.embed_tokens.weight"], framework="np") as f:
-            same = np.array_equal(head, f.get_tensor("model.embed_tokens.weight"))
-        if not same:
-            raise HFImportError(
-                f"{files['lm_head.weight']}: tie_word_embeddings is true but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings to false in config.json to keep both."
-            )
-    return cfg, model.to_layout(params, cfg)
+
+def _check_tied_head(files: dict) -> None:
+    """Some tied checkpoints store the head anyway; accept it only if it really is the embedding."""
+    with safe_open(files["lm_head.weight"], framework="np") as f:
+        head = f.get_tensor("lm_head.weight")
+    with safe_open(files["model.embed_tokens.weight"], framework="np") as f:
+        same = np.array_equal(head, f.get_tensor("model.embed_tokens.weight"))
+    if not same:
+        raise HFImportError(
+            f"{files['lm_head.weight']}: tie_word_embeddings is true but lm_head.weight differs from "
+            "model.embed_tokens.weight; set tie_word_embeddings to false in config.json to keep both."
+        )
 
 
 # ---------------------------------------------------------------------- export

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,8 +69,11 @@ class LoopConfig(Section):
         self._check(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0.")
 
 
-def train(exp: Experiment, workdir: str) -> dict[str, Any]:
-    """Train `exp` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
+def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = ()) -> dict[str, Any]:
+    """Train `exp` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
+
+    `extra_hooks` run after the built-in ones (hooks.py), each on its own cadence.
+    """
     distributed.maybe_initialize_distributed()
     distributed.quiet_non_main_processes()
     workdir = os.fspath(workdir)
@@ -93,7 +97,8 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     run.done = run.start
     writer = MetricWriter(workdir, enabled=distributed.is_main_process())
     with contextlib.closing(writer):
-        _loop(run, _hooks(exp, workdir, run, mngr, train_data, eval_data, writer), train_data)
+        all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer), *extra_hooks]
+        _loop(run, all_hooks, train_data)
     return {**run.last, "step": run.done}
 
 
@@ -130,7 +135,7 @@ def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resu
     return state
 
 
-def _hooks(exp, workdir, run, mngr, train_data, eval_data, writer) -> list[hooks.Hook]:
+def _hooks(exp, workdir, mngr, train_data, eval_data, writer) -> list[hooks.Hook]:
     loop, main = exp.loop, distributed.is_main_process()
     peak, peak_source = peak_flops()
     log.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from llama_jax.data import tokenizer as tk
+from tests.helpers import run_module
 
 SAMPLES = [
     "SPEAKER ONE:\nA line of verse, then a blank line.\n\n",
@@ -172,27 +173,11 @@ def test_check_vocab():
 
 
 def test_train_tokenizer_command(tmp_path, shakespeare_text):
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO
-
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_text[:20000])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train_tokenizer",
-            f"--output_dir={tmp_path / 'tok'}",
-            "--vocab_size=400",
-            "--model_type=unigram",
-            f"--text_file={corpus}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = run_module(
+        "experiments.train_tokenizer", f"--output_dir={tmp_path / 'tok'}", "--vocab_size=400",
+        "--model_type=unigram", f"--text_file={corpus}", timeout=120,
     )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +21,7 @@ from llama_jax import checkpoint, data, inference
 from llama_jax.data import ByteTokenizer, DataConfig, load_tokenizer
 from llama_jax.errors import CheckpointError, DataError, TokenizerError
 from llama_jax.model import Llama, init_params, param_shapes, preset
-from tests.helpers import REPO
+from tests.helpers import run_module
 
 CFG = preset("tiny")  # max_seq_len 128, vocab 384
 TEXT = "Héllo, wörld! Ünïcödé bytes — and a few more words to make it longer.\n"
@@ -198,11 +195,8 @@ def test_trained_workdir_held_out_split_and_stride(trained_tiny_workdir):
 def test_eval_ppl_cli(trained_tiny_workdir, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text(TEXT * 3, encoding="utf-8")
-    r = subprocess.run(
-        [sys.executable, "-m", "experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", f"--text_file={f}",
-         "--stride=16"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    r = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", f"--text_file={f}", "--stride=16",
+                   timeout=300)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     n_bytes = len((TEXT * 3).encode())

@@ -3,24 +3,14 @@ on a trained workdir and an HF-imported one (params sharded over a tensor-parall
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 from llama_jax import inference
-from tests.helpers import REPO
+from tests.helpers import run_module
 
 
 def run_sample(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.sample", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=300,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+    return run_module("experiments.sample", *args, timeout=300)
 
 
 def expected_text(path, prompt: str, max_new_tokens: int, **sampling_args) -> tuple[str, list[int]]:

@@ -11,7 +11,6 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama_jax import checkpoint, errors
 from llama_jax.model import KVCache, Llama, param_shapes
 from llama_jax.tools import hf
-from tests.helpers import REPO
+from tests.helpers import run_module
 
 PARITY_TOL = 1e-4
 BATCH, SEQ = 2, 256  # positions up to 255: 4x the llama3 config's original_max_position_embeddings
@@ -436,13 +435,7 @@ def write_tokenizer_files(d: pathlib.Path) -> None:
 
 
 def convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.convert_hf", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("experiments.convert_hf", *args, timeout=300)
 
 
 def test_convert_hf_command_line_round_trip(small_hf_dir, tmp_path):
