@@ -1,5 +1,5 @@
 """Every entry script prints a usage error (a LlamaJaxError) as one line naming the fix, exit status 1, no
-traceback; --traceback shows it."""
+traceback; --traceback shows the stack."""
 
 import pytest
 
@@ -22,5 +22,8 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     assert r.returncode == 1, r.stderr
     assert message.format(tmp=tmp_path) in r.stderr
     assert "Traceback" not in r.stderr
-    again = run_module(*[a.format(tmp=tmp_path) for a in args], "--traceback", timeout=120)
-    assert again.returncode != 0 and "Traceback" in again.stderr
+
+
+def test_traceback_flag_shows_the_stack(tmp_path):
+    r = run_module("experiments.sample", f"--workdir={tmp_path}/missing", "--traceback", timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr

@@ -1,13 +1,12 @@
 """Tools around the core: Hugging Face checkpoint conversion (hf) and ablation sweeps (sweep)."""
 
 from llama_jax.tools.hf import (
-    config_from_hf,
-    config_to_hf,
     export_from_workdir,
     import_to_workdir,
     load_hf_llama,
     save_hf_llama,
 )
+from llama_jax.tools.hf_config import config_from_hf, config_to_hf
 from llama_jax.tools.sweep import collect, commands, expand, markdown_table, parse_sweeps, report, run_local
 
 __all__ = [

@@ -35,6 +35,7 @@ def load_worker():
     return module
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     worker = load_worker()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
