@@ -49,7 +49,7 @@ def smollm2_config(**overrides) -> ModelConfig:
 
 
 def one_device_mesh():
-    return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    return sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
 def setup_torch():

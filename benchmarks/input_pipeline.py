@@ -26,6 +26,7 @@ from llama_jax import data
 from llama_jax.data import ByteTokenizer, DataConfig, train_sentencepiece
 
 _SIZE_MB = flags.DEFINE_float("size_mb", 100, "Size of the synthetic corpus in MB.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke run, as every benchmark has: a 2 MB synthetic corpus.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8000, "SentencePiece vocab size.")
@@ -78,7 +79,7 @@ def run_case(name: str, docs: data.Documents, tokenizer, tokens: int | None = No
     t2 = time.perf_counter()
     if tokens is None:
         assert len(train.windows) == 1
-        tokens = len(train._window(0)[0].tokens)
+        tokens = len(train.window(0)[0].tokens)
     result = {
         "tokens": tokens,
         "tokenize_pack_s": round(t1 - t0, 3),
@@ -94,6 +95,8 @@ def main(argv):
     del argv
     import tensorflow_datasets as tfds
 
+    size_mb = 2.0 if _QUICK.value else _SIZE_MB.value
+
     tfds.disable_progress_bar()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="input_pipeline_bench_"))
     results = {}
@@ -108,9 +111,9 @@ def main(argv):
         )
         t = time.perf_counter()
         synthetic_path = tmp / "synthetic.jsonl"
-        synthetic_corpus(synthetic_path, _SIZE_MB.value)
+        synthetic_corpus(synthetic_path, size_mb)
         print(
-            f"generated {_SIZE_MB.value} MB of synthetic text in {time.perf_counter() - t:.1f}s", flush=True
+            f"generated {size_mb} MB of synthetic text in {time.perf_counter() - t:.1f}s", flush=True
         )
         synthetic = data.file_documents(str(synthetic_path))
 
@@ -145,7 +148,7 @@ def main(argv):
         json.dumps(
             {
                 "tokens_per_sec": min(r["tokens_per_sec"] for r in results.values()),
-                "synthetic_mb": _SIZE_MB.value,
+                "synthetic_mb": size_mb,
                 "seq_len": _SEQ_LEN.value,
                 "batch_size": _BATCH_SIZE.value,
                 "cpus": os.cpu_count(),

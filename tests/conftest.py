@@ -9,9 +9,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tests.helpers import SHAKESPEARE, load_config
+from llama_jax.model import init_params, preset
+from llama_jax.tools import hf
+from tests.helpers import SHAKESPEARE, load_config, train_config
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +43,6 @@ def trained_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     """A workdir trained in-process for 20 steps of configs/tiny.py (byte tokenizer, seq_len 64; ~15 s), on
     local files so no TFDS build is needed: data.train_files = all of tiny-shakespeare but its last 20,000
     characters, data.eval_files = those (`<dir>/data/{train,eval}.txt`). Read-only: copy it to modify it."""
-    from llama_jax.experiment import Experiment
-    from llama_jax.train import train
-
     root = tmp_path_factory.mktemp("trained_tiny")
     text = shakespeare_path.read_text(encoding="utf-8")
     (root / "data").mkdir()
@@ -52,7 +53,7 @@ def trained_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     config.data.eval_files = str(root / "data" / "eval.txt")
     config.num_steps, config.eval_every, config.checkpoint_every = 20, 0, 0
     config.optimizer.lr, config.optimizer.warmup_steps = 1e-2, 2  # learns more than unigram stats in 20 steps
-    train(Experiment.from_config(config), root / "workdir")
+    train_config(config, root / "workdir")
     return root / "workdir"
 
 
@@ -61,12 +62,6 @@ def hf_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     """A workdir imported with llama_jax.hf.import_to_workdir from an HF checkpoint written by save_hf_llama:
     the "tiny" preset with random weights scaled x8 (peaked, context-dependent predictions) and a byte-level
     BPE tokenizer.json (300 ids; <s>=0 is BOS, </s>=1 is EOS) trained on tiny-shakespeare. Read-only."""
-    import jax
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from llama_jax.model import init_params, preset
-    from llama_jax.tools import hf
-
     root = tmp_path_factory.mktemp("hf_tiny")
     cfg = preset("tiny")
     params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, init_params(cfg, jax.random.key(0)))

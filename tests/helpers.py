@@ -1,4 +1,6 @@
-"""Shared test helpers (importable as `tests.helpers`); pytest fixtures live in conftest.py."""
+"""Shared test helpers (importable as `tests.helpers`); pytest fixtures live in conftest.py.
+
+Import it after XLA_FLAGS is set (conftest.py does): it imports jax."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import os
 import pathlib
 import subprocess
 import sys
+
+from llama_jax.experiment import Experiment
+from llama_jax.train import TrainProgram, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -32,15 +37,9 @@ def run_module(*args: str, timeout: int = 600, env: dict | None = None, check: b
 
 def program_of(config, mesh=None):
     """The TrainProgram of an experiment ConfigDict (optionally on `mesh`), as experiments.train builds it."""
-    from llama_jax.experiment import Experiment
-    from llama_jax.train import TrainProgram
-
     return TrainProgram.from_experiment(Experiment.from_config(config), mesh)
 
 
 def train_config(config, workdir):
     """llama_jax.train.train on an experiment ConfigDict, as experiments.train runs it."""
-    from llama_jax.experiment import Experiment
-    from llama_jax.train import train
-
     return train(Experiment.from_config(config), workdir)

@@ -13,6 +13,7 @@ from llama_jax.errors import ConfigError, ShardingError
 from llama_jax.experiment import SECTIONS, Experiment, base_config
 from llama_jax.model import ModelConfig, count_params, param_shapes, preset
 from llama_jax.sharding import MeshConfig
+from llama_jax.tools import sweep
 from llama_jax.train import LoopConfig, OptimizerConfig
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -162,3 +163,15 @@ def test_cross_section_checks():
         Experiment.from_config(c)
     with pytest.raises(ShardingError, match="at most one mesh axis may be -1"):
         MeshConfig(data=-1, fsdp=-1)
+
+
+def test_sweep_overrides_build_the_preset_model(tmp_path):
+    """The sweep runner's launch commands carry the same --config.model.* overrides: parsed the way
+    experiments.train parses them, they build exactly the preset model with those values."""
+    path = next(p for p in CONFIGS if p.stem == "tiny")
+    variants = sweep.expand(sweep.parse_sweeps(["model.dim=96,128", "model.num_heads=2"]))
+    for variant, argv in zip(variants, sweep.commands(str(path), str(tmp_path), variants, [0])):
+        overrides = [a for a in argv if a.startswith("--config.")]
+        exp = Experiment.from_config(_load(path, *overrides))
+        want = preset("tiny", dim=int(variant["model.dim"]), num_heads=2)
+        assert exp.model == want and exp.model.head_dim == want.dim // 2

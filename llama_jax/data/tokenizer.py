@@ -331,7 +331,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         )
 
 
-def _sentences(texts: Iterable[str], max_len: int) -> Iterable[str]:
+def training_sentences(texts: Iterable[str], max_len: int) -> Iterable[str]:
     """Training "sentences" for SentencePiece: runs of whole lines (newlines kept) up to `max_len` bytes.
 
     Feeding multi-line chunks rather than single lines matters: at encode time a word right after a newline
@@ -379,7 +379,7 @@ def train_sentencepiece(
     """
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"model_type must be 'bpe' or 'unigram', not {model_type!r}")
-    sentences = iter(_sentences(texts, max_sentence_length))
+    sentences = iter(training_sentences(texts, max_sentence_length))
     first = next(sentences, None)
     if first is None:
         raise TokenizerError("no text to train the tokenizer on: the dataset split or file is empty.")

@@ -3,10 +3,11 @@
 import hashlib
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from llama_jax import data, errors
+from llama_jax import data, errors, sharding
 from llama_jax.data import tokenizer as tk
 from llama_jax.experiment import Experiment, base_config
 
@@ -260,10 +261,6 @@ def test_two_hosts_eval():
 
 
 def test_batches_become_global_arrays_on_emulated_devices():
-    import jax
-
-    from llama_jax import sharding
-
     train = int_train([60], seq_len=4, batch_size=8)
     local = train.batch_for_step(1)
     mesh = sharding.make_mesh(sharding.MeshConfig())

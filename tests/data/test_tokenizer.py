@@ -105,12 +105,12 @@ def test_train_sentencepiece_errors(tmp_path):
 
 def test_sentence_chunks_keep_newlines_and_bound_length():
     text = "ab\ncd\n" * 10 + "x" * 50 + "\nend"
-    chunks = list(tk._sentences([text], max_len=16))
+    chunks = list(tk.training_sentences([text], max_len=16))
     assert "".join(chunks) == text
     assert all(len(c.encode()) <= 16 for c in chunks)
     assert chunks[0] == "ab\ncd\nab\ncd\nab\n"  # whole lines up to 16 bytes, newlines kept
     assert "x" * 16 in chunks  # an over-long line is cut to fit
-    wide = list(tk._sentences(["é" * 40], max_len=16))
+    wide = list(tk.training_sentences(["é" * 40], max_len=16))
     assert "".join(wide) == "é" * 40 and all(len(c.encode()) <= 16 for c in wide)
 
 

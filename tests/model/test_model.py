@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax.experiment import base_config
 from llama_jax.model import KVCache, Llama, init_params, preset, stack_layers, to_layout, unstack_layers
 from llama_jax.model.attention import (
     causal_attention,
@@ -476,7 +477,6 @@ def test_num_kv_heads_shapes(kv):
 @pytest.mark.slow
 def test_splash_under_a_sharded_train_step_matches_xla():
     """On a (2,2,2) mesh the Mosaic kernel runs inside shard_map; one train step must equal the XLA path."""
-    from llama_jax.experiment import base_config
 
     c = base_config("tiny", num_heads=8, num_kv_heads=4, dim=128, max_seq_len=128)
     c.batch_size, c.seq_len = 8, 128

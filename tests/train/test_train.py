@@ -19,7 +19,7 @@ import pytest
 from llama_jax import checkpoint, errors
 from llama_jax.checkpoint import config_diff
 from llama_jax.errors import ConfigMismatchError
-from llama_jax.model import Llama, ModelConfig, init_params, preset
+from llama_jax.model import Llama, ModelConfig, init_params, param_shapes, preset
 from llama_jax.tools import hf
 from llama_jax.train import read_metrics, restore_state, save_state
 from tests.helpers import REPO, load_config, program_of, train_config
@@ -71,8 +71,6 @@ def _train_losses(workdir):
 
 def _final_params(workdir):
     cfg = checkpoint.read_model_config(workdir)
-    from llama_jax.model import param_shapes
-
     return checkpoint.restore_params(workdir, param_shapes(cfg), step=NUM_STEPS)
 
 
