@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import Interrupted, LlamaJaxError
 from llama_jax.inference import inference_mesh
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a usage error too.")
@@ -51,7 +51,8 @@ def run(main) -> None:
             if _TRACEBACK.value:
                 raise
             name = os.path.basename(sys.argv[0]).removesuffix(".py")
-            print(f"{name}: {e}\n(--traceback shows where it was raised)", file=sys.stderr, flush=True)
-            sys.exit(1)
+            hint = "" if isinstance(e, Interrupted) else "\n(--traceback shows where it was raised)"
+            print(f"{name}: {e}{hint}", file=sys.stderr, flush=True)
+            sys.exit(130 if isinstance(e, Interrupted) else 1)  # 130: the shell's code for Ctrl-C
 
     app.run(wrapped)

@@ -8,7 +8,8 @@
         --config.data.eval_split=test
     python -m experiments.eval_ppl --workdir=DIR --text_file=book.txt --seq_len=2048 --stride=512
 
-Prints a final JSON line {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}.
+Prints a final JSON line {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}
+(strict JSON: a non-finite value is null and listed under "nonfinite", and the exit status is then 1).
 Every target token is scored exactly once; --stride=S scores each token with at least seq_len - S + 1
 tokens of context (sliding windows, llama_jax/data/eval_data.py). DIR may come from training or from
 `experiments.convert_hf` (tokenizer: DIR/tokenizer). Params are data-parallel over all devices by default;
@@ -18,8 +19,8 @@ llama_jax.inference.evaluate_workdir; this file only parses flags.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import sys
 
 from absl import flags
@@ -28,7 +29,9 @@ from ml_collections import ConfigDict, config_flags
 from experiments import cli
 from llama_jax import distributed
 from llama_jax.data import DataConfig
+from llama_jax.errors import NonFiniteResult
 from llama_jax.inference import evaluate_workdir
+from llama_jax.train.metrics import json_line
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to evaluate (from training or convert_hf).", required=True)
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "Evaluate on this UTF-8 text file (one document).")
@@ -73,7 +76,12 @@ def main(argv):
             f"{result['bits_per_byte']:.4f} ({result['tokens']} tokens, {result['bytes']} bytes)",
             file=sys.stderr,
         )
-        print(json.dumps(result), flush=True)
+        print(json_line(result), flush=True)
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteResult(
+            f"the loss of {_WORKDIR.value} on {result['data']} is {result['loss']}: its params are damaged or "
+            "diverged. Evaluate an earlier checkpoint with --step=N (see its checkpoints/ directory)."
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Each phase is the library call its own script makes (experiments.train, experime
 experiments.sample), so this is the same work a user does by hand. The last line is JSON.
 """
 
-import json
 import math
 import time
 
@@ -18,6 +17,7 @@ from experiments import cli
 from llama_jax.experiment import Experiment
 from llama_jax.inference import evaluate_workdir, load_workdir, sample_text
 from llama_jax.train import summarize, train
+from llama_jax.train.metrics import json_line
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run lives (resumed if it exists).", required=True)
@@ -52,7 +52,7 @@ def main(argv):
     times["sample_s"] = time.perf_counter() - t
     print(f"\n--- sample ---\n{_PROMPT.value}{text}\n--------------", flush=True)
 
-    print(json.dumps({
+    print(json_line({
         "eval_loss": result["loss"],
         "perplexity": result["perplexity"],
         "bits_per_byte": result["bits_per_byte"],

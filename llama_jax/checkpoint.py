@@ -69,12 +69,18 @@ def manager(workdir, *, max_to_keep: int | None = None, keep_period: int | None 
     )
 
 
-def latest_step(workdir) -> int | None:
-    """The newest *complete* checkpoint step (Orbax never lists a half-written one), or None."""
-    if not (epath.Path(workdir) / CHECKPOINT_DIR).exists():
-        return None
+def all_steps(workdir) -> list[int]:
+    """The steps of the *complete* checkpoints, ascending (Orbax never lists a half-written one)."""
+    if not (epath.Path(workdir) / CHECKPOINT_DIR).is_dir():
+        return []  # checked first: opening a manager would create the directory
     with manager(workdir) as mngr:
-        return mngr.latest_step()
+        return sorted(mngr.all_steps())
+
+
+def latest_step(workdir) -> int | None:
+    """The newest complete checkpoint step, or None."""
+    steps = all_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def save_params(workdir, params, step: int = 0) -> None:

@@ -36,7 +36,15 @@ class ConfigMismatchError(CheckpointError):
 
 
 class TrainingHalted(LlamaJaxError, RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Training diverged: non-finite steps in a row, or a loss spike."""
+
+
+class NonFiniteResult(LlamaJaxError, ArithmeticError):
+    """An evaluation whose loss is NaN or infinite: the params are damaged or diverged."""
+
+
+class Interrupted(LlamaJaxError):
+    """Ctrl-C: the run saved its step and stopped; the command-line scripts exit 130."""
 
 
 class HFImportError(LlamaJaxError, ValueError):

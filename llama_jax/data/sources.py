@@ -132,6 +132,65 @@ def _expand_files(patterns: str, what: str) -> list[str]:
     return paths
 
 
+# JSON's names for the Python types json.loads returns, for messages about a field of the wrong type.
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _read_text(path: str, what: str) -> str:
+    """The file's text as open(path, encoding="utf-8") reads it (universal newlines), but decoded from the
+    bytes in one piece so a bad byte is reported at its offset in the file (a text-mode read reports it
+    relative to an internal chunk)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason}). "
+            f"Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from {what}."
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_texts(path: str, text_key: str, what: str) -> Iterator[str]:
+    """The `text_key` string of every non-blank line; any bad line is a DataError at path:line."""
+    for lineno, line in enumerate(_read_text(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); each line of a .jsonl file "
+                "must be one JSON object. Fix or delete that line."
+            ) from e
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}:{lineno}: is {_JSON_TYPES[type(record)]}, not a JSON object; each line of a .jsonl "
+                f"file must be one object with a {text_key!r} field."
+            )
+        if text_key not in record:
+            raise DataError(
+                f"{path}:{lineno} has no field {text_key!r}; its fields are "
+                f"{sorted(record)}. Set --config.data.text_key."
+            )
+        text = record[text_key]
+        if not isinstance(text, str):
+            # A number or null would otherwise fail (or be silently str()-ed) deep in the tokenizer.
+            raise DataError(
+                f"{path}:{lineno}: field {text_key!r} is {_JSON_TYPES[type(text)]}, not a string; "
+                "fix that record, or set --config.data.text_key to the field holding the text."
+            )
+        yield text
+
+
 def file_documents(patterns: str, *, text_key: str = "text", what: str = "data files") -> Documents:
     """Documents of local files (read into memory): `.jsonl` = one per line (field `text_key`), other files =
     one per file."""
@@ -139,20 +198,9 @@ def file_documents(patterns: str, *, text_key: str = "text", what: str = "data f
     texts: list[str] = []
     for path in paths:
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if text_key not in record:
-                        raise DataError(
-                            f"{path}:{lineno} has no field {text_key!r}; its fields are "
-                            f"{sorted(record)}. Set --config.data.text_key."
-                        )
-                    texts.append(record[text_key])
+            texts += _jsonl_texts(path, text_key, what)
         else:
-            with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
+            texts.append(_read_text(path, what))
     stats = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
     return Documents(
         f"files {patterns!r}", f"files:{stats}:{text_key}", len(texts), lambda lo, hi: iter(texts[lo:hi])

@@ -79,15 +79,28 @@ def load_workdir(
             f"workdir {workdir} does not exist. Create one with `python -m experiments.train --workdir=...` "
             "or `python -m experiments.convert_hf --hf_dir=... --workdir=...`."
         )
+    if not epath.Path(workdir).is_dir():
+        # Otherwise the message would be that {workdir}/config.json is missing, which hides the mistake.
+        raise CheckpointError(
+            f"workdir {workdir} is a file, not a directory; --workdir must name a workdir (the directory "
+            "holding config.json and checkpoints/), not a file in it."
+        )
     config = checkpoint.read_config(workdir)
     if "model" not in config:
         raise CheckpointError(f"{workdir}/{checkpoint.CONFIG_FILE} has no 'model' entry.")
     model_config = ModelConfig.from_dict(config["model"])
     tokenizer = load_tokenizer_of(workdir, model_config)
-    if checkpoint.latest_step(workdir) is None and step is None:
+    steps = checkpoint.all_steps(workdir)
+    if not steps:
         raise CheckpointError(
             f"{workdir} has no complete checkpoint in {checkpoint.CHECKPOINT_DIR}/: train first (or let a "
             "running training save one), or import a model with `python -m experiments.convert_hf`."
+        )
+    if step is not None and step not in steps:
+        # Checked here because Orbax's own error for a missing step does not say which steps exist.
+        raise CheckpointError(
+            f"{workdir} has no checkpoint at step {step}; its complete checkpoints are at steps {steps}. "
+            "Pass one of them as --step, or omit --step for the latest."
         )
     mesh = inference_mesh() if mesh is None else mesh
     rules = workdir_rules(config) if rules is None else rules

@@ -19,6 +19,7 @@ Sliding windows (`--stride`): llama_jax/data/eval_data.py.
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import numpy as np
@@ -30,6 +31,8 @@ from llama_jax.data import DataConfig, documents_for_role, eval_windows, text_fi
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
 from llama_jax.model import Llama, ModelConfig, batch_loss_sums
+
+_MAX_EXP_ARG = math.log(sys.float_info.max)
 
 
 def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[str, float]:
@@ -49,7 +52,8 @@ def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[st
     loss = nll / tokens
     return {
         "eval/loss": loss,
-        "eval/perplexity": math.exp(loss),
+        # exp overflows past a loss of ~709.8 nats (a diverged model); perplexity is then inf, not a crash.
+        "eval/perplexity": math.exp(loss) if loss < _MAX_EXP_ARG else math.inf,
         "eval/bits_per_byte": nll / (num_bytes * math.log(2)),
         "eval/tokens": tokens,
         "eval/bytes": float(num_bytes),

@@ -37,6 +37,7 @@ import math
 import os
 import pathlib
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llama_jax import checkpoint, model
@@ -118,6 +119,20 @@ def _tensor_specs(cfg: ModelConfig) -> list[_Tensor]:
     return specs
 
 
+def _open_weights(path: pathlib.Path):
+    """safe_open(path), with a truncated or corrupt file reported by name (the library's error names none).
+
+    safe_open checks the whole header and that it covers the file, so a damaged file fails here, not later.
+    """
+    try:
+        return safe_open(path, framework="np")
+    except SafetensorError as e:
+        raise HFImportError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt. Download or "
+            "save it again."
+        ) from e
+
+
 def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     """tensor name -> the safetensors file holding it, from the index json or the single file's header."""
     index = hf_dir / INDEX_FILE
@@ -133,7 +148,7 @@ def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
         return files
     single = hf_dir / SINGLE_FILE
     if single.exists():
-        with safe_open(single, framework="np") as f:
+        with _open_weights(single) as f:
             return {name: single for name in f.keys()}
     others = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pth"))
     hint = (
@@ -195,7 +210,7 @@ def load_hf_llama(hf_dir, *, scan_layers: bool = False, dtype: str | None = None
     # about one model in the target dtype plus one tensor (this matters at 8B+).
     params: dict = {}
     for path, file_specs in by_file.items():
-        with safe_open(path, framework="np") as f:
+        with _open_weights(path) as f:
             for s in file_specs:
                 w = s.to_ours(f.get_tensor(s.hf_name)).astype(jnp.dtype(param_dtype))
                 _set(params, s.path, jnp.asarray(w))
@@ -247,7 +262,7 @@ def _check_headers(by_file: dict[pathlib.Path, list[_Tensor]], config_path) -> s
     """Shapes and dtypes from the safetensors headers (no tensor read); returns the stored dtypes."""
     stored_dtypes = set()
     for path, file_specs in by_file.items():
-        with safe_open(path, framework="np") as f:
+        with _open_weights(path) as f:
             present = set(f.keys())
             for s in file_specs:
                 if s.hf_name not in present:
@@ -272,9 +287,9 @@ def _check_headers(by_file: dict[pathlib.Path, list[_Tensor]], config_path) -> s
 
 def _check_tied_head(files: dict) -> None:
     """Some tied checkpoints store the head anyway; accept it only if it really is the embedding."""
-    with safe_open(files["lm_head.weight"], framework="np") as f:
+    with _open_weights(files["lm_head.weight"]) as f:
         head = f.get_tensor("lm_head.weight")
-    with safe_open(files["model.embed_tokens.weight"], framework="np") as f:
+    with _open_weights(files["model.embed_tokens.weight"]) as f:
         same = np.array_equal(head, f.get_tensor("model.embed_tokens.weight"))
     if not same:
         raise HFImportError(
@@ -302,6 +317,7 @@ def _atomic_dir(out_dir, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if out_dir.exists():
             # Move the old directory aside first, so a failure here still leaves one complete copy.
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -313,6 +329,23 @@ def _atomic_dir(out_dir, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normal_permissions(root: pathlib.Path) -> None:
+    """Give `root` and everything under it the modes a plain mkdir / open would (the umask applied).
+
+    mkdtemp makes `root` 0700 and safetensors writes its files 0600, so without this a converted
+    checkpoint would be readable by its owner alone. The mode of a probe directory is the umask (and
+    any default ACL) applied to 0777, read without os.umask's process-wide set-and-restore.
+    """
+    probe = root / ".mode-probe"
+    probe.mkdir()
+    dir_mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.rmdir()
+    for d, _, files in os.walk(root):
+        os.chmod(d, dir_mode)
+        for name in files:
+            os.chmod(os.path.join(d, name), dir_mode & 0o666)  # no file here is executable
 
 
 def _write_hf_files(

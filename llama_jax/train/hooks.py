@@ -26,8 +26,9 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from llama_jax.data import EvalData, TrainData
-from llama_jax.errors import TrainingHalted
+from llama_jax.errors import Interrupted, TrainingHalted
 from llama_jax.inference.perplexity import evaluate
+from llama_jax.lock import WorkdirLock
 from llama_jax.train.metrics import MetricWriter
 from llama_jax.train.program import TrainProgram
 from llama_jax.train.step import TrainState, save_state
@@ -230,21 +231,30 @@ class Progress(Hook):
 
 # ---------------------------------------------------------------------- preemption
 class Preemption(Hook):
-    """Stop at the end of a step when SIGTERM arrived (single process) or, multi-host, when Orbax's
-    preemption sync point says every host reached it; the step is saved first, and the save waited for."""
+    """Stop at the end of a step when SIGTERM or Ctrl-C (SIGINT) arrived (single process) or, multi-host,
+    when Orbax's preemption sync point says every host reached it; the step is saved first, and the save
+    waited for. A second Ctrl-C exits at once. After a Ctrl-C the loop raises `Interrupted`."""
 
     def __init__(self, mngr: ocp.CheckpointManager, train_data: TrainData, workdir: str):
         self.mngr, self.train_data, self.workdir = mngr, train_data, workdir
         self.requested = False
-        self._previous = None
+        self.interrupted = False
+        self._previous: dict[int, Any] = {}
 
     def on_start(self, run: Run) -> None:
-        # Multi-process: jax.distributed's preemption service owns SIGTERM; a Python handler would replace it.
+        # Multi-process: jax.distributed's preemption service owns SIGTERM (a Python handler would replace
+        # it), and a Ctrl-C reaches one host only, so it cannot pick a step every host stops at.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting (Ctrl-C again: exit now).")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.interrupted = True
+        else:
+            log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
         self.requested = True
 
     def due(self, run: Run) -> bool:
@@ -258,12 +268,25 @@ class Preemption(Hook):
         if self.mngr.latest_step() != run.done:
             save_state(self.mngr, run.state, run.done, self.train_data.state(run.done))
             self.mngr.wait_until_finished()
+        if self.interrupted:
+            raise Interrupted(f"interrupted by Ctrl-C: saved step {run.done} to {self.workdir}; re-run the same "
+                              "command to resume.")
         log.warning("preempted: saved step %d to %s; re-run the same command to resume.", run.done, self.workdir)
         run.stop = True
 
     def close(self, run: Run) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Heartbeat(Hook):
+    """Keeps the workdir lock fresh (lock.py; rewrites it at most every HEARTBEAT_S)."""
+
+    def __init__(self, lock: WorkdirLock):
+        self.lock = lock
+
+    def __call__(self, run: Run) -> None:
+        self.lock.heartbeat()
 
 
 def profile_dir(workdir: str) -> str:

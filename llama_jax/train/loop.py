@@ -20,11 +20,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llama_jax import checkpoint, distributed
-from llama_jax.data import EvalData, Tokenizer, TrainData, check_vocab
+from llama_jax.data import EvalData, TrainData, check_vocab
 from llama_jax.data.tokenizer import training_tokenizer
+from llama_jax.errors import CheckpointError
+from llama_jax.lock import WorkdirLock
 from llama_jax.sections import Section
 from llama_jax.train import hooks
 from llama_jax.train.metrics import MetricWriter, peak_flops, truncate_metrics
@@ -77,29 +81,61 @@ def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = ())
     distributed.maybe_initialize_distributed()
     distributed.quiet_non_main_processes()
     workdir = os.fspath(workdir)
+    # Config errors (mesh, divisibility, rules) are raised here, before the workdir is touched.
+    program = TrainProgram.from_experiment(exp)
+    with _workdir_lock(workdir) as lock:
+        return _train(exp, workdir, program, lock, extra_hooks)
+
+
+def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hooks) -> dict[str, Any]:
     loop = exp.loop
     resume_step = _check_workdir(exp, workdir)
-    # Everything that can be wrong with the input is checked before anything compiles or is written.
     tokenizer = training_tokenizer(exp.data, checkpoint.tokenizer_dir(workdir),
                                    is_main_process=distributed.is_main_process())
     check_vocab(tokenizer, exp.model.vocab_size)
-    program = TrainProgram.from_experiment(exp)
     train_data = TrainData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=loop.batch_size,
                                        seed=loop.seed)
     eval_data = None
     if loop.eval_every:
         eval_data = EvalData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=exp.eval_batch_size)
-    _write_workdir(exp, workdir, tokenizer)
     mngr = checkpoint.manager(workdir, max_to_keep=loop.keep_checkpoints or None,
                               keep_period=loop.keep_period or None, enable_async_checkpointing=True)
-    state = _initial_state(exp, program, mngr, train_data, resume_step, workdir)
+    state = _initial_state(exp, program, mngr, train_data, resume_step)
+    # Only now, with the checkpoint restored (or a fresh state built), does the workdir change: a failed
+    # resume leaves config.json, the tokenizer and metrics.jsonl as they were.
     run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
     run.done = run.start
+    if distributed.is_main_process():
+        checkpoint.write_config(workdir, exp.to_dict())
+        tokenizer.save(checkpoint.tokenizer_dir(workdir))
+        truncate_metrics(workdir, run.start)  # rows past the start are recomputed (each step logged once)
     writer = MetricWriter(workdir, enabled=distributed.is_main_process())
     with contextlib.closing(writer):
         all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer), *extra_hooks]
+        if lock is not None:
+            all_hooks.append(hooks.Heartbeat(lock))
         _loop(run, all_hooks, train_data)
     return {**run.last, "step": run.done}
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """Process 0 takes the workdir's lock (lock.py) and every process learns whether it did."""
+    lock, error = None, None
+    if distributed.is_main_process():
+        try:
+            lock = WorkdirLock.acquire(workdir)
+        except CheckpointError as e:
+            error = e
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        error = error or CheckpointError(f"{workdir} is in use by another training run (process 0 says so).")
+    if error is not None:
+        raise error
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _check_workdir(exp: Experiment, workdir: str) -> int | None:
@@ -113,20 +149,12 @@ def _check_workdir(exp: Experiment, workdir: str) -> int | None:
     return resume_step
 
 
-def _write_workdir(exp: Experiment, workdir: str, tokenizer: Tokenizer) -> None:
-    if distributed.is_main_process():
-        checkpoint.write_config(workdir, exp.to_dict())
-        tokenizer.save(checkpoint.tokenizer_dir(workdir))
-
-
-def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resume_step, workdir: str):
+def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resume_step):
     """The resumed state (data position checked and restored), or a fresh one, optionally from init_from."""
     if resume_step is not None:
-        log.info("resuming from the checkpoint at step %d in %s", resume_step, workdir)
+        log.info("resuming from the checkpoint at step %d in %s", resume_step, mngr.directory)
         state, data_state = restore_state(mngr, program.abstract_state, resume_step)
         train_data.restore(data_state)  # checks the data config is the one the run was started with
-        if distributed.is_main_process():
-            truncate_metrics(workdir, resume_step)
         return state
     state = program.init_state(exp.loop.seed)
     if exp.loop.init_from:

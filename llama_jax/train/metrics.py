@@ -81,7 +81,7 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(json_line(row) + "\n")
         self._jsonl.flush()
         for k, v in row.items():
             if k != "step" and isinstance(v, float | int):
@@ -97,6 +97,15 @@ class MetricWriter:
 def _scalar(v):
     v = np.asarray(v)
     return int(v) if v.dtype.kind in "iu" else float(v)
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """`row` as one line of strict JSON: JSON has no NaN or Infinity, so a non-finite float is written as
+    null and its key listed under "nonfinite" (json.dumps would write NaN, which other tools reject)."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        row = {**{k: None if k in bad else v for k, v in row.items()}, "nonfinite": bad}
+    return json.dumps(row, allow_nan=False)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -438,3 +438,29 @@ def test_bad_packing_and_missing_special_tokens(tmp_path):
     c.model.vocab_size = NoSpecials().vocab_size
     with pytest.raises(errors.DataError, match="add_bos=False"):
         train_data(c, NoSpecials())
+
+
+def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))  # é is the lone byte 0xe9
+    with pytest.raises(errors.DataError, match=r"latin1\.txt is not valid UTF-8: byte 0xe9 at byte offset 3"):
+        data.file_documents(str(tmp_path / "latin1.txt"))
+    # In a .jsonl file the offset counts from the start of the file, not of the line.
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(errors.DataError, match=r"d\.jsonl is not valid UTF-8: byte 0xe9 at byte offset 28"):
+        data.file_documents(str(tmp_path / "d.jsonl"))
+
+
+def test_malformed_jsonl_line_names_the_file_and_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n\n{"text": "cut off\n{"text": "fine"}\n')
+    with pytest.raises(errors.DataError, match=r"d\.jsonl:3: not valid JSON"):
+        data.file_documents(str(tmp_path / "d.jsonl"))
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n["text", "x"]\n')
+    with pytest.raises(errors.DataError, match=r"d\.jsonl:2: is an array, not a JSON object"):
+        data.file_documents(str(tmp_path / "d.jsonl"))
+
+
+@pytest.mark.parametrize("value, found", [("3", "a number"), ('["a", "b"]', "an array"), ("null", "null")])
+def test_jsonl_text_field_that_is_not_a_string(tmp_path, value, found):
+    (tmp_path / "d.jsonl").write_text(f'{{"body": "ok"}}\n{{"body": {value}}}\n')
+    with pytest.raises(errors.DataError, match=rf"d\.jsonl:2: field 'body' is {found}, not a string"):
+        data.file_documents(str(tmp_path / "d.jsonl"), text_key="body")

@@ -21,6 +21,7 @@ from llama_jax import checkpoint, data, inference
 from llama_jax.data import ByteTokenizer, DataConfig, load_tokenizer
 from llama_jax.errors import CheckpointError, DataError, TokenizerError
 from llama_jax.model import Llama, init_params, param_shapes, preset
+from llama_jax.train import MetricWriter, read_metrics
 from tests.helpers import run_module
 
 CFG = preset("tiny")  # max_seq_len 128, vocab 384
@@ -229,3 +230,48 @@ def test_tokenizer_larger_than_model_vocab_is_a_clear_error(trained_tiny_workdir
     shutil.copytree(trained_tiny_workdir / "tokenizer", small / "tokenizer")
     with pytest.raises(TokenizerError, match="vocab_size=259"):
         inference.evaluate_workdir(small)
+
+
+def test_step_without_a_checkpoint_lists_the_steps_that_exist(trained_tiny_workdir):
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 7; .* at steps \[20\]"):
+        inference.load_workdir(trained_tiny_workdir, step=7)
+
+
+def test_workdir_that_is_a_file_is_a_clear_error(trained_tiny_workdir, tmp_path):
+    file = tmp_path / "config.json"
+    shutil.copy(trained_tiny_workdir / "config.json", file)  # an easy slip: naming the workdir's config
+    with pytest.raises(CheckpointError, match="config.json is a file, not a directory"):
+        inference.load_workdir(file)
+
+
+# ---------------------------------------------------------------------- non-finite results
+def _strict(line: str) -> dict:
+    """json.loads that rejects NaN / Infinity, as strict JSON readers do."""
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {line}"))
+
+
+def test_an_overflowing_eval_loss_gives_inf_perplexity_in_strict_json(tmp_path):
+    """A diverged model's eval loss above ~710 nats once crashed training in math.exp, before its checkpoint."""
+    eval_step = lambda params, batch: {"nll_sum": np.float32(1e6), "tokens": np.float32(100.0)}  # 10,000/token
+    result = inference.evaluate(eval_step, lambda b: b, None, [{}], num_bytes=50)
+    assert result["eval/loss"] == 1e4 and result["eval/perplexity"] == math.inf
+    writer = MetricWriter(str(tmp_path))
+    writer.write(7, {**result, "train/loss": float("nan")})
+    writer.close()
+    row = _strict((tmp_path / "metrics.jsonl").read_text().strip())
+    assert row["eval/perplexity"] is None and row["train/loss"] is None and row["eval/loss"] == 1e4
+    assert row["nonfinite"] == ["eval/perplexity", "train/loss"]
+    assert read_metrics(str(tmp_path))[0]["step"] == 7
+
+
+def test_eval_ppl_on_damaged_params_exits_nonzero_with_strict_json(trained_tiny_workdir, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_tiny_workdir, damaged)
+    cfg = checkpoint.read_model_config(damaged)
+    params = checkpoint.restore_params(damaged, param_shapes(cfg))
+    checkpoint.save_params(damaged, jax.tree.map(lambda p: p * np.nan, params), step=21)
+    r = run_module("experiments.eval_ppl", f"--workdir={damaged}", timeout=300)
+    assert r.returncode == 1, r.stderr
+    result = _strict(r.stdout.strip().splitlines()[-1])
+    assert result["loss"] is None and "loss" in result["nonfinite"] and result["step"] == 21
+    assert f"eval_ppl: the loss of {damaged} on " in r.stderr and "--step=N" in r.stderr

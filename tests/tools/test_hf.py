@@ -8,6 +8,7 @@ Each parity config is a random tiny HF model whose weights are re-drawn at a sca
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -485,3 +486,40 @@ def test_scanned_workdir_exports_unscanned_hf(small_hf_dir, tmp_path):
     assert str(load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype) == "bfloat16"
     _, params = hf.load_hf_llama(tmp_path / "out", scan_layers=True)
     assert_trees_equal(params, stored)
+
+
+def test_truncated_or_corrupt_safetensors_names_the_file(small_hf_dir, tmp_path):
+    d = copy_dir(small_hf_dir, tmp_path / "m")
+    weights = d / hf.SINGLE_FILE
+    good = weights.read_bytes()
+    for damaged in (good[:100], np.random.default_rng(0).bytes(5000)):
+        weights.write_bytes(damaged)
+        with pytest.raises(errors.HFImportError, match="truncated or corrupt") as e:
+            hf.load_hf_llama(d)
+        assert str(weights) in str(e.value)
+    # A damaged shard of a sharded checkpoint is named too (it is first opened to check its header).
+    cfg, params = hf.load_hf_llama(small_hf_dir)
+    hf.save_hf_llama(cfg, params, tmp_path / "sharded", max_shard_bytes=100_000)
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(errors.HFImportError, match="truncated or corrupt") as e:
+        hf.load_hf_llama(tmp_path / "sharded")
+    assert str(shard) in str(e.value)
+
+
+def modes(root: pathlib.Path) -> set[tuple[str, int]]:
+    """{("dir" | "file", permission bits)} over root and everything under it."""
+    paths = [root, *root.rglob("*")]
+    return {("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777) for p in paths}
+
+
+def test_converted_dirs_get_the_umask_permissions_not_the_temp_dirs(small_hf_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        hf.import_to_workdir(small_hf_dir, tmp_path / "work")
+        os.umask(0o027)
+        hf.export_from_workdir(tmp_path / "work", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert modes(tmp_path / "work") == {("dir", 0o755), ("file", 0o644)}
+    assert modes(tmp_path / "out") == {("dir", 0o750), ("file", 0o640)}

@@ -1,12 +1,16 @@
-"""The training loop in-process (fast tier): hooks run on their cadence, extra hooks plug in, a rerun resumes,
-and a bad config is refused before anything is written."""
+"""The training loop in-process (fast tier): hooks run on their cadence, extra hooks plug in, a rerun resumes;
+a bad config, a workdir in use and a failed resume change nothing in the workdir; each step is logged once."""
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
-from llama_jax import checkpoint, errors
+from llama_jax import checkpoint, errors, lock
 from llama_jax.experiment import Experiment
 from llama_jax.train import Hook, read_metrics, train
 from tests.helpers import load_config
@@ -77,3 +81,48 @@ def test_bad_config_is_refused_before_anything_is_written(local_data, tmp_path):
     with pytest.raises(errors.ShardingError, match="does not divide the 8 devices"):
         train(Experiment.from_config(c), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------- the workdir lock
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(local_data, tmp_path):
+    c = tiny(local_data, num_steps=2, eval_every=0)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
+            "token": "another-run"}
+    (workdir / lock.LOCK_FILE).write_text(json.dumps(live))
+    with pytest.raises(errors.CheckpointError, match=rf"is in use by a training run \(pid {os.getpid()} on "):
+        train(Experiment.from_config(c), workdir)
+    assert sorted(os.listdir(workdir)) == [lock.LOCK_FILE]  # nothing written, the holder's lock kept
+
+    stale = {**live, "pid": _dead_pid()}  # a run killed with SIGKILL leaves this behind
+    (workdir / lock.LOCK_FILE).write_text(json.dumps(stale))
+    assert train(Experiment.from_config(c), workdir)["step"] == 2
+    assert not (workdir / lock.LOCK_FILE).exists()  # released at the end
+
+
+def test_a_failed_resume_leaves_the_workdir_as_it_was(local_data, tmp_path):
+    c = tiny(local_data, num_steps=3, eval_every=0, log_every=1)
+    train(Experiment.from_config(c), tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    c.model.num_layers, c.allow_config_change, c.num_steps = 3, True, 6
+    with pytest.raises(errors.CheckpointError, match="could not restore the training state of step 3"):
+        train(Experiment.from_config(c), tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_a_fresh_start_logs_each_step_once(local_data, tmp_path):
+    """A run killed during its first save leaves no checkpoint but a metrics.jsonl; the rerun starts from
+    scratch and must not append its rows to the dead run's."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 9.0}) + "\n"
+                                                    for s in range(1, 5)))
+    train(Experiment.from_config(tiny(local_data, num_steps=4, eval_every=0, log_every=1)), tmp_path)
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    assert steps == [1, 2, 3, 4] and all(r["train/loss"] != 9.0 for r in read_metrics(tmp_path))

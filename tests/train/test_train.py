@@ -22,7 +22,7 @@ from llama_jax.errors import ConfigMismatchError
 from llama_jax.model import Llama, ModelConfig, init_params, param_shapes, preset
 from llama_jax.tools import hf
 from llama_jax.train import read_metrics, restore_state, save_state
-from tests.helpers import REPO, load_config, program_of, train_config
+from tests.helpers import REPO, load_config, program_of, run_module, train_config
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +131,48 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(straight, tmp_p
     want, got = _train_losses(straight), _train_losses(workdir)
     assert got == want
     _assert_bit_identical(_final_params(workdir), _final_params(straight))
+
+
+def test_ctrl_c_saves_exits_130_and_resumes_bit_identically(straight, tmp_path, data_flags):
+    """The first Ctrl-C finishes the step, saves it, and exits 130 with one line (no traceback)."""
+    workdir = str(tmp_path / "interrupted")
+    flags = _flags(*data_flags)
+    assert _kill_after_checkpoint(workdir, flags, 4, signal.SIGINT) == 130
+    stopped_at = max(_complete_steps(workdir))
+    assert 4 <= stopped_at < NUM_STEPS
+    log = open(workdir + ".log").read()
+    assert f"train: interrupted by Ctrl-C: saved step {stopped_at} to {workdir}" in log and "Traceback" not in log
+    out = _run(workdir, flags)
+    assert f"resuming from the checkpoint at step {stopped_at}" in out
+    assert _train_losses(workdir) == _train_losses(straight)
+    _assert_bit_identical(_final_params(workdir), _final_params(straight))
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, data_flags):
+    """Relaunching while the first run still trains: the second is refused in one line naming the holder and
+    writes nothing; the first, stopped later with SIGTERM, has every step logged once and its own config."""
+    workdir = str(tmp_path / "shared")
+    first, log = _start(workdir, _flags(*data_flags, num_steps=10_000))  # runs until it is stopped
+    try:
+        deadline = time.time() + 240
+        while not _complete_steps(workdir):
+            assert first.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+            time.sleep(0.02)
+        second = run_module("experiments.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+                            *_flags(*data_flags, **{"optimizer.lr": 0.001}), timeout=300)
+        assert first.poll() is None, "the first run ended before the second was refused; the test proves nothing"
+        assert second.returncode == 1
+        assert f"is in use by a training run (pid {first.pid} on " in second.stderr, second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 0, open(log.name).read()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+    assert steps == list(range(1, max(_complete_steps(workdir)) + 1))
+    assert checkpoint.read_config(workdir)["optimizer"]["lr"] == 3e-4
+    assert not os.path.exists(os.path.join(workdir, "lock.json"))
 
 
 def test_interrupted_save_is_ignored_and_the_previous_checkpoint_used(straight, tmp_path, data_flags):
