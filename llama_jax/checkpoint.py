@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -30,6 +32,7 @@ from llama_jax.model import ModelConfig, stack_layers, unstack_layers
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
+DISCARDED_DIR = "discarded"
 
 
 def write_config(workdir, config: dict[str, Any]) -> None:
@@ -172,6 +175,22 @@ def tokenizer_dir(workdir) -> str:
     return os.fspath(epath.Path(workdir) / TOKENIZER_DIR)
 
 
+def discard_after(workdir, step: int) -> list[int]:
+    """Move the checkpoints newer than `step` to WORKDIR/discarded/<step> (kept, but out of Orbax's sight:
+    a resumed run saves those step numbers again). Returns the steps moved."""
+    moved = [s for s in all_steps(workdir) if s > step]
+    root = epath.Path(workdir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # a later resume_step may discard the same step numbers again
+    for s in moved:
+        (root / DISCARDED_DIR).mkdir(parents=True, exist_ok=True)
+        (root / CHECKPOINT_DIR / str(s)).rename(root / DISCARDED_DIR / f"{s}-{stamp}")
+    if moved:
+        logging.getLogger(__name__).warning(
+            "resume_step=%d: moved the newer checkpoint(s) %s to %s", step, moved, root / DISCARDED_DIR
+        )
+    return moved
+
+
 def incomplete_checkpoints(workdir) -> list[str]:
     """Orbax temp dirs of interrupted saves (never restored; the previous checkpoint is used instead)."""
     root = epath.Path(workdir) / CHECKPOINT_DIR
@@ -228,7 +247,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
 # Fields that may differ between a run and the one it resumes: they steer the loop, not the result.
 RUN_CONTROL_FIELDS = frozenset(
     {"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_period",
-     "profile_start", "profile_steps", "allow_config_change"}
+     "profile_start", "profile_steps", "allow_config_change", "resume_step", "spike_factor",
+     "max_consecutive_skips"}
 )
 
 

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
-from llama_jax import checkpoint, sharding
+from llama_jax import checkpoint, distributed, sharding
 from llama_jax.data import DataConfig, documents_for_role, eval_windows, text_file_documents
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
@@ -35,16 +36,31 @@ from llama_jax.model import Llama, ModelConfig, batch_loss_sums
 _MAX_EXP_ARG = math.log(sys.float_info.max)
 
 
-def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[str, float]:
+def evaluate(
+    eval_step, shard_batch, params, batches, num_bytes: int, *, progress: bool = False,
+    num_batches: int | None = None,
+) -> dict[str, float]:
     """Run `eval_step` over `batches` (this process's rows of every eval batch, in order).
 
     eval_step: (params, global batch) -> {"nll_sum", "tokens"}; shard_batch: local batch -> global batch;
-    num_bytes: UTF-8 bytes of the text the scored targets encode.
+    num_bytes: UTF-8 bytes of the text the scored targets encode. progress: a tqdm bar over the batches on
+    stderr (main process; in a log file a line a minute), with an ETA when `num_batches` is given.
     """
-    # Per-batch sums stay on device until the end (no host sync per batch), then add up in float64 on the
+    # Per-batch sums stay on device until the end (no transfer per batch), then add up in float64 on the
     # host: an f32 running sum would lose token counts past 2**24 and bits of the loss on big splits.
-    per_batch = [eval_step(params, shard_batch(batch)) for batch in batches]
+    bar = _progress_bar(num_batches) if progress and distributed.is_main_process() else None
+    per_batch = []
+    for batch in batches:
+        per_batch.append(eval_step(params, shard_batch(batch)))
+        if bar is not None and len(per_batch) > 1:
+            # Dispatch is asynchronous: without a sync the bar would race to the end and then wait. Waiting
+            # for the previous batch keeps the bar at device speed and still one batch in flight.
+            jax.block_until_ready(per_batch[-2])
+            bar.update(1)
     per_batch = jax.device_get(per_batch)
+    if bar is not None:
+        bar.update(len(per_batch) - bar.n)
+        bar.close()
     nll = float(np.sum([s["nll_sum"] for s in per_batch], dtype=np.float64))
     tokens = float(np.sum([s["tokens"] for s in per_batch], dtype=np.float64))
     if tokens == 0:
@@ -58,6 +74,12 @@ def evaluate(eval_step, shard_batch, params, batches, num_bytes: int) -> dict[st
         "eval/tokens": tokens,
         "eval/bytes": float(num_bytes),
     }
+
+
+def _progress_bar(total: int | None) -> tqdm:
+    # As the train loop's bar (hooks.Progress): every second on a terminal, once a minute in a log file.
+    interval = 1.0 if sys.stderr.isatty() else 60.0
+    return tqdm(total=total, desc="eval", file=sys.stderr, dynamic_ncols=True, mininterval=interval)
 
 
 # ---------------------------------------------------------------------- scoring a model
@@ -86,8 +108,10 @@ def jit_eval_step(model_config: ModelConfig, mesh: Mesh, rules: sharding.RuleSet
     )
 
 
-def perplexity(params, model_config: ModelConfig, eval_data, *, mesh: Mesh, rules: sharding.RuleSet) -> dict:
-    """Score `eval_data` (a data.EvalData) with params placed on `mesh`.
+def perplexity(
+    params, model_config: ModelConfig, eval_data, *, mesh: Mesh, rules: sharding.RuleSet, progress: bool = False
+) -> dict:
+    """Score `eval_data` (a data.EvalData) with params placed on `mesh`; `progress`: a bar over the batches.
 
     Returns {"loss" (nats per scored token), "perplexity", "bits_per_byte", "tokens", "bytes"}.
     """
@@ -101,6 +125,8 @@ def perplexity(params, model_config: ModelConfig, eval_data, *, mesh: Mesh, rule
         params,
         eval_data.batches(rows=rows),
         eval_data.num_bytes,
+        progress=progress,
+        num_batches=eval_data.num_batches,
     )
     out = {k.removeprefix("eval/"): v for k, v in result.items()}
     # The exact host-side counts (evaluate's are f32 sums, exact only up to 2**24).
@@ -150,7 +176,8 @@ def evaluate_workdir(
     Data: `text_file` (one document), else the held-out split of the workdir's config.data (with
     `data_overrides` and `split` applied; see workdir_data_config). seq_len 0: the workdir's seq_len, else
     min(max_seq_len, 2048). batch_size 0: the workdir's eval batch size (else one row per batch shard),
-    rounded up to a multiple of the mesh's data*fsdp. mesh: default all devices, data parallel.
+    rounded up to a multiple of the mesh's data*fsdp. mesh: default all devices, data parallel. Shows a
+    progress bar over the eval batches on stderr (main process).
     """
     docs = text_file_documents(text_file) if text_file else None  # a missing file fails before any loading
     mesh = inference_mesh(data=-1) if mesh is None else mesh
@@ -165,7 +192,8 @@ def evaluate_workdir(
         batch_size = -(-batch_size // shards) * shards
     docs = docs or documents_for_role(d, "eval")
     eval_data = eval_windows(docs, tokenizer, d, seq_len=seq_len, batch_size=batch_size, stride=stride)
-    result = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment))
+    # A long text takes minutes: show a bar (the train loop's eval hook does not; it has its own bar).
+    result = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment), progress=True)
     result.update(
         data=docs.name, seq_len=seq_len, stride=stride, packing=d.packing, batch_size=batch_size,
         step=checkpoint.latest_step(workdir_path) if step is None else step,

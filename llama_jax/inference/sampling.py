@@ -11,6 +11,7 @@ Decoding modes: greedy (`temperature=0`), temperature, top-k and top-p (nucleus)
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -20,6 +21,8 @@ import numpy as np
 from llama_jax.data import Tokenizer
 from llama_jax.errors import ConfigError
 from llama_jax.model import KVCache, Llama, ModelConfig, unstack_layers
+
+log = logging.getLogger(__name__)
 
 # Prompt arrays are padded up to a multiple of this, so nearby prompt lengths share one compiled program.
 PROMPT_BUCKET = 64
@@ -153,9 +156,28 @@ def generate(
 
 
 # ---------------------------------------------------------------------- text in, text out
+def lost_characters(tokenizer: Tokenizer, text: str, ids: list[int]) -> list[str]:
+    """The characters of `text` that do not come back from decode(ids), e.g. ones that became <unk>.
+
+    Compared as sets, so that tokenizers that only normalise whitespace (a dummy prefix space, collapsed
+    runs) are not reported."""
+    decoded = tokenizer.decode(ids)
+    return [] if decoded == text else sorted(set(text) - set(decoded))
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids with BOS first when the tokenizer has one."""
+    """The prompt's ids with BOS first when the tokenizer has one; a warning names characters it loses."""
     ids = tokenizer.encode(prompt)
+    lost = lost_characters(tokenizer, prompt, ids)
+    if lost:
+        # Not an error: sampling still works, but the model continues a different prompt than the one the
+        # CLI prints, which silently skews what the user reads.
+        log.warning(
+            "the tokenizer cannot encode %s in the prompt: the model sees them as unknown tokens (<unk>). Use "
+            "a tokenizer with byte fallback (experiments.train_tokenizer --byte_fallback, the default) or "
+            "leave those characters out.",
+            ", ".join(f"{c!r} (U+{ord(c):04X})" for c in lost),
+        )
     if tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id, *ids]
     if not ids:

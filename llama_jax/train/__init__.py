@@ -1,6 +1,6 @@
 """Training: optimizer, the pure train step, the jitted program, hooks and the loop, metrics."""
 
-from llama_jax.train.hooks import Hook, Run, SkipGuard, check_skips
+from llama_jax.train.hooks import CheckpointList, DivergenceGuard, Hook, Run
 from llama_jax.train.loop import LoopConfig, summarize, train
 from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics
 from llama_jax.train.optim import OptimizerConfig, decay_mask_fn, learning_rate, make_optimizer, make_schedule
@@ -8,15 +8,15 @@ from llama_jax.train.program import TrainProgram
 from llama_jax.train.step import TrainState, make_train_step, restore_state, save_state
 
 __all__ = [
+    "CheckpointList",
+    "DivergenceGuard",
     "Hook",
     "LoopConfig",
     "MetricWriter",
     "OptimizerConfig",
     "Run",
-    "SkipGuard",
     "TrainProgram",
     "TrainState",
-    "check_skips",
     "decay_mask_fn",
     "learning_rate",
     "make_optimizer",

@@ -2,7 +2,7 @@
 
 The loop (loop.py) only steps and calls `hook(run)` for every hook whose `due(run)` is true; a new
 periodic behaviour is a new hook here, not a new `if` in the loop. Hooks run in list order after each
-step: the guard first (a halted run writes nothing more), then profiling, logging, the checkpoint, evaluation
+step: the divergence guard first (a halted run writes nothing more), then profiling, logging, the checkpoint, evaluation
 (after the step's save, so a failure there never loses it), the progress bar, and preemption last.
 
 `Run` is what hooks share: the state after the step, its metrics (device arrays), the step count, the
@@ -11,10 +11,12 @@ clock, and a `stop` flag a hook sets to end the loop after this step.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -75,38 +77,89 @@ class Hook:
         """After the loop, also when it ends with an exception."""
 
 
-# ---------------------------------------------------------------------- non-finite guard
-def check_skips(metrics: Mapping[str, Any], max_consecutive_skips: int) -> None:
-    """Raise TrainingHalted when `max_consecutive_skips` (> 0) steps in a row were skipped.
+# ---------------------------------------------------------------------- divergence guard
+SPIKE_WINDOW = 100  # steps whose median loss / update norm a spike is measured against
+SPIKE_MIN_HISTORY = 10  # healthy steps seen before the spike rule applies
 
-    Reads one scalar from the device, which waits for that step; `SkipGuard` avoids the stall.
+
+class DivergenceGuard(Hook):
+    """Halts training that diverged, before a diverged state can be saved.
+
+    Two rules: `max_consecutive_skips` non-finite steps in a row (their updates were already dropped by the
+    step), or a finite blow-up: a loss or an update norm above `spike_factor` times its median over the
+    last SPIKE_WINDOW healthy steps (0 disables). Every step it checks the *previous* step's metrics, so
+    the host never waits for the device; the Checkpoint hook calls `check` on the current step first, so
+    every saved checkpoint passed the rules. The halt message names the newest checkpoint, which is
+    therefore healthy, and the command that resumes from it.
     """
-    n = int(jax.device_get(metrics["consecutive_skips"]))
-    if max_consecutive_skips > 0 and n >= max_consecutive_skips:
-        raise TrainingHalted(
-            f"{n} consecutive train steps had a non-finite loss or gradient (limit max_consecutive_skips="
-            f"{max_consecutive_skips}); their updates were skipped, so params and optimizer state are "
-            "those before the streak. Likely causes: a learning rate too high for this model (lower "
-            "optimizer.lr, lengthen optimizer.warmup_steps, keep optimizer.clip_norm > 0), float16 "
-            "overflow (use bfloat16), or corrupt data. Resume from the last checkpoint after fixing it."
-        )
 
-
-class SkipGuard(Hook):
-    """Every step: `check_skips` on the *previous* step's metrics, so the host never waits for the device.
-    The halt comes one step late; that extra step is harmless (a skipped step changes nothing). At the
-    last step it checks both, so a run never ends on an unnoticed streak."""
-
-    def __init__(self, max_consecutive_skips: int):
-        self.max_consecutive_skips = max_consecutive_skips
-        self._pending = None
+    def __init__(self, max_consecutive_skips: int, spike_factor: float, checkpoints: CheckpointList,
+                 history: list[dict[str, float]] = ()):
+        self.max_consecutive_skips, self.spike_factor, self.checkpoints = max_consecutive_skips, spike_factor, checkpoints
+        self._history = {k: collections.deque((h[k] for h in history if k in h), maxlen=SPIKE_WINDOW)
+                         for k in ("loss", "update_norm")}
+        self._pending: tuple[int, Mapping[str, Any]] | None = None
+        self._checked = -1
 
     def __call__(self, run: Run) -> None:
-        previous, self._pending = self._pending, run.metrics
+        previous, self._pending = self._pending, (run.done, run.metrics)
         if previous is not None:
-            check_skips(previous, self.max_consecutive_skips)
+            self.check(*previous)
         if run.at_end:
-            check_skips(run.metrics, self.max_consecutive_skips)
+            self.check(run.done, run.metrics)
+
+    def check(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Raise TrainingHalted if step `step`'s metrics break a rule (each step is checked once)."""
+        if step <= self._checked:
+            return
+        self._checked = step
+        m = jax.device_get({k: metrics[k] for k in ("consecutive_skips", "loss", "update_norm")})
+        skips = int(m["consecutive_skips"])
+        if self.max_consecutive_skips > 0 and skips >= self.max_consecutive_skips:
+            raise TrainingHalted(
+                f"{skips} consecutive train steps up to step {step} had a non-finite loss or gradient (limit "
+                f"max_consecutive_skips={self.max_consecutive_skips}); their updates were skipped. Likely causes: "
+                "a learning rate too high for this model (lower optimizer.lr, lengthen optimizer.warmup_steps, "
+                "keep optimizer.clip_norm > 0), float16 overflow (use bfloat16), or corrupt data. "
+                + self.checkpoints.resume_hint()
+            )
+        if skips:
+            return  # a skipped step changed nothing and is no baseline for the spike rule
+        for key in ("loss", "update_norm"):
+            self._check_spike(step, key, float(m[key]))
+        for key in ("loss", "update_norm"):
+            self._history[key].append(float(m[key]))
+
+    def _check_spike(self, step: int, key: str, value: float) -> None:
+        history = self._history[key]
+        if self.spike_factor <= 0 or len(history) < SPIKE_MIN_HISTORY:
+            return
+        median = statistics.median(history)
+        if value > self.spike_factor * median:
+            raise TrainingHalted(
+                f"training diverged at step {step}: {key} {value:.4g} is {value / median:.1f}x its median "
+                f"{median:.4g} over the last {len(history)} steps (limit spike_factor={self.spike_factor}). "
+                + self.checkpoints.resume_hint()
+            )
+
+
+@dataclasses.dataclass
+class CheckpointList:
+    """What a halt message needs to say where to resume: the workdir's newest saved step."""
+
+    mngr: ocp.CheckpointManager
+    workdir: str
+
+    def resume_hint(self) -> str:
+        self.mngr.wait_until_finished()
+        last = self.mngr.latest_step()
+        if last is None:
+            return "No checkpoint was saved; fix the cause and start again."
+        return (
+            f"The newest checkpoint, step {last} ({self.workdir}/checkpoints/{last}), passed these checks; "
+            "after fixing the cause, re-run the same command with the changed flags and "
+            "--config.allow_config_change=True to resume from it (or --config.resume_step=N for an older one)."
+        )
 
 
 # ---------------------------------------------------------------------- profiling
@@ -143,14 +196,16 @@ class Profile(Hook):
 
 # ---------------------------------------------------------------------- checkpoints
 class Checkpoint(Hook):
-    """An async save of params, train state and data state every `every` steps and at the end."""
+    """An async save of params, train state and data state every `every` steps and at the end, of a state
+    the divergence guard has passed."""
 
     pauses_clock = True
 
-    def __init__(self, mngr: ocp.CheckpointManager, train_data: TrainData, every: int):
-        self.mngr, self.train_data, self.every = mngr, train_data, every
+    def __init__(self, mngr: ocp.CheckpointManager, train_data: TrainData, every: int, guard: DivergenceGuard):
+        self.mngr, self.train_data, self.every, self.guard = mngr, train_data, every, guard
 
     def __call__(self, run: Run) -> None:
+        self.guard.check(run.done, run.metrics)
         save_state(self.mngr, run.state, run.done, self.train_data.state(run.done))
 
     def close(self, run: Run) -> None:
@@ -235,8 +290,8 @@ class Preemption(Hook):
     when Orbax's preemption sync point says every host reached it; the step is saved first, and the save
     waited for. A second Ctrl-C exits at once. After a Ctrl-C the loop raises `Interrupted`."""
 
-    def __init__(self, mngr: ocp.CheckpointManager, train_data: TrainData, workdir: str):
-        self.mngr, self.train_data, self.workdir = mngr, train_data, workdir
+    def __init__(self, checkpoint: Checkpoint, workdir: str):
+        self.checkpoint, self.mngr, self.workdir = checkpoint, checkpoint.mngr, workdir
         self.requested = False
         self.interrupted = False
         self._previous: dict[int, Any] = {}
@@ -266,7 +321,7 @@ class Preemption(Hook):
             return
         self.mngr.wait_until_finished()
         if self.mngr.latest_step() != run.done:
-            save_state(self.mngr, run.state, run.done, self.train_data.state(run.done))
+            self.checkpoint(run)
             self.mngr.wait_until_finished()
         if self.interrupted:
             raise Interrupted(f"interrupted by Ctrl-C: saved step {run.done} to {self.workdir}; re-run the same "

@@ -31,7 +31,7 @@ from llama_jax.errors import CheckpointError
 from llama_jax.lock import WorkdirLock
 from llama_jax.sections import Section
 from llama_jax.train import hooks
-from llama_jax.train.metrics import MetricWriter, peak_flops, truncate_metrics
+from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics, truncate_metrics
 from llama_jax.train.program import TrainProgram
 from llama_jax.train.step import restore_state
 
@@ -52,6 +52,9 @@ class LoopConfig(Section):
     grad_accum_steps: int = 1  # microbatches per step (lax.scan); batch_size is the global batch per update
     z_loss: float = 0.0  # coefficient of PaLM's z-loss, mean over targets of logsumexp(logits)^2; 1e-4 is typical
     max_consecutive_skips: int = 5  # halt after this many non-finite (skipped) steps in a row; 0 never halts
+    # Halt when the loss or the update norm exceeds this multiple of its median over the last 100 steps
+    # (a finite blow-up); 0 disables. Checkpoints are saved only from states that pass.
+    spike_factor: float = 3.0
     log_every: int = 10
     eval_every: int = 200  # 0: no evaluation during training
     checkpoint_every: int = 200  # 0: save only at the end
@@ -59,6 +62,8 @@ class LoopConfig(Section):
     keep_period: int = 0  # also keep every N-th step permanently; 0 disables
     init_from: str = ""  # workdir whose params start a fine-tune (fresh optimizer)
     allow_config_change: bool = False  # resume a workdir even though its config.json differs (diff is shown)
+    # Resume from this checkpoint step instead of the newest; newer ones move to WORKDIR/discarded/. -1: newest.
+    resume_step: int = -1
     profile_start: int = 10  # first step of a jax.profiler trace (written to WORKDIR/profile)
     profile_steps: int = 0  # number of steps to trace; 0 = no trace
 
@@ -71,6 +76,9 @@ class LoopConfig(Section):
             v = getattr(self, name)
             self._check(v >= 0, f"{name}={v} must be >= 0.")
         self._check(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0.")
+        self._check(self.spike_factor == 0 or self.spike_factor > 1,
+                    f"spike_factor={self.spike_factor} must be 0 (off) or > 1.")
+        self._check(self.resume_step >= -1, f"resume_step={self.resume_step} must be a step, or -1 for the newest.")
 
 
 def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = ()) -> dict[str, Any]:
@@ -101,6 +109,12 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     mngr = checkpoint.manager(workdir, max_to_keep=loop.keep_checkpoints or None,
                               keep_period=loop.keep_period or None, enable_async_checkpointing=True)
     state = _initial_state(exp, program, mngr, train_data, resume_step)
+    if resume_step is not None:
+        if distributed.is_main_process():
+            checkpoint.discard_after(workdir, resume_step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("llama_jax: newer checkpoints discarded")
+        mngr.reload()  # it listed any moved steps
     # Only now, with the checkpoint restored (or a fresh state built), does the workdir change: a failed
     # resume leaves config.json, the tokenizer and metrics.jsonl as they were.
     run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
@@ -143,7 +157,15 @@ def _check_workdir(exp: Experiment, workdir: str) -> int | None:
     partial = checkpoint.incomplete_checkpoints(workdir)
     if partial:
         log.warning("ignoring incomplete checkpoint(s) %s in %s (a save was interrupted)", partial, workdir)
-    resume_step = checkpoint.latest_step(workdir)
+    steps = checkpoint.all_steps(workdir)
+    resume_step = steps[-1] if steps else None
+    if exp.loop.resume_step >= 0:
+        if exp.loop.resume_step not in steps:
+            raise CheckpointError(
+                f"--config.resume_step={exp.loop.resume_step}: {workdir} has no checkpoint at that step; "
+                f"its checkpoints are at steps {steps}."
+            )
+        resume_step = exp.loop.resume_step
     if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and resume_step is not None:
         checkpoint.check_resume_config(workdir, exp.to_dict())
     return resume_step
@@ -170,16 +192,21 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer) -> list[hooks.Hook
     progress = hooks.Progress() if main else None
     tokens_per_step = loop.batch_size * loop.seq_len
     flops_per_token = exp.model.flops_per_token(loop.seq_len)
-    out: list[hooks.Hook] = [hooks.SkipGuard(loop.max_consecutive_skips)]
+    # A resumed run measures spikes against the losses its predecessor logged (rows up to the resume step).
+    history = [{k.removeprefix("train/"): v for k, v in r.items()} for r in read_metrics(workdir) if "train/loss" in r]
+    guard = hooks.DivergenceGuard(loop.max_consecutive_skips, loop.spike_factor,
+                                  hooks.CheckpointList(mngr, workdir), history[-hooks.SPIKE_WINDOW:])
+    out: list[hooks.Hook] = [guard]
     if loop.profile_steps and main:
         out.append(hooks.Profile(hooks.profile_dir(workdir), loop.profile_start, loop.profile_steps))
     out.append(hooks.Log(writer, loop.log_every, tokens_per_step, flops_per_token, peak, progress))
-    out.append(hooks.Checkpoint(mngr, train_data, loop.checkpoint_every))
+    save = hooks.Checkpoint(mngr, train_data, loop.checkpoint_every, guard)
+    out.append(save)
     if eval_data is not None:
         out.append(hooks.Evaluate(eval_data, writer, loop.eval_every))
     if progress is not None:
         out.append(progress)
-    out.append(hooks.Preemption(mngr, train_data, workdir))
+    out.append(hooks.Preemption(save, workdir))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -275,3 +276,23 @@ def test_eval_ppl_on_damaged_params_exits_nonzero_with_strict_json(trained_tiny_
     result = _strict(r.stdout.strip().splitlines()[-1])
     assert result["loss"] is None and "loss" in result["nonfinite"] and result["step"] == 21
     assert f"eval_ppl: the loss of {damaged} on " in r.stderr and "--step=N" in r.stderr
+
+
+def test_eval_ppl_shows_a_progress_bar_on_stderr(trained_tiny_workdir, tmp_path):
+    """A long eval is not silent: a tqdm bar over the eval batches (rate, count) goes to stderr, not stdout."""
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT * 3, encoding="utf-8")
+    r = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", f"--text_file={f}", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"eval: 100%.*\| (\d+)/\1 \[.*(it/s|s/it)\]", r.stderr), r.stderr
+    json.loads(r.stdout.strip().splitlines()[-1])  # stdout is still just the JSON line
+
+
+def test_evaluate_shows_a_bar_only_when_asked(sharded_params, mesh, rules, capsys):
+    """Off by default: the train loop's eval hook calls evaluate() without `progress` (it has its own bar)."""
+    ev = data.eval_windows(data.Documents.from_texts([TEXT * 4]), ByteTokenizer(), seq_len=32, batch_size=8)
+    quiet = inference.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
+    assert "eval:" not in capsys.readouterr().err
+    shown = inference.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules, progress=True)
+    assert re.search(rf"eval: 100%.*\| {ev.num_batches}/{ev.num_batches} \[", capsys.readouterr().err)
+    assert shown == quiet

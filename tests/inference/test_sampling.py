@@ -1,11 +1,15 @@
 """Sampling: cached greedy == repeated full forwards, top-k/top-p sets, batching, EOS, seeding."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax.data import ByteTokenizer, train_sentencepiece
 from llama_jax.inference import generate, sample_logits, top_p_mask
+from llama_jax.inference.sampling import encode_prompt
 from llama_jax.model import Llama, init_params, preset, stack_layers
 
 CFG = preset("tiny")
@@ -103,3 +107,21 @@ def test_bad_sampling_arguments_are_named(params):
         generate(params, CFG, [[1]], max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="BOS"):
         generate(params, CFG, [[]], max_new_tokens=4)
+
+
+def test_prompt_characters_the_tokenizer_cannot_encode_are_warned(tmp_path, caplog):
+    """Without byte fallback 'ü' silently becomes <unk>; encode_prompt (sample_text's) names it instead."""
+    ascii_only = train_sentencepiece(
+        ["the quick brown fox jumps over the lazy dog.\n" * 50], tmp_path, vocab_size=60, byte_fallback=False
+    )
+    with caplog.at_level(logging.WARNING):
+        encode_prompt(ascii_only, "the lazy fox")
+        encode_prompt(ByteTokenizer(), "the lazy füx")  # bytes encode anything
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        ids = encode_prompt(ascii_only, "the lazy füx")
+    assert 0 in ids  # <unk>: the character really is lost
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "'ü' (U+00FC)" in record.getMessage() and "byte fallback" in record.getMessage()
+    assert "'x'" not in record.getMessage()  # only the lost characters are named

@@ -523,3 +523,15 @@ def test_converted_dirs_get_the_umask_permissions_not_the_temp_dirs(small_hf_dir
         os.umask(old)
     assert modes(tmp_path / "work") == {("dir", 0o755), ("file", 0o644)}
     assert modes(tmp_path / "out") == {("dir", 0o750), ("file", 0o640)}
+
+
+def test_convert_hf_prints_only_its_result_lines(small_hf_dir, tmp_path):
+    """Orbax's ~60 INFO lines per save/restore are silenced; the imported/exported line stays."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    for args, word in (([f"--hf_dir={small_hf_dir}", f"--workdir={work}"], "imported"),
+                       (["--to_hf", f"--workdir={work}", f"--hf_dir={out}"], "exported")):
+        r = convert(*args)
+        assert r.returncode == 0, r.stderr
+        lines = (r.stdout + r.stderr).splitlines()
+        assert len(lines) < 10, "\n".join(lines)
+        assert any(f"{word} " in line and "params)" in line for line in lines), "\n".join(lines)

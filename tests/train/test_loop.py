@@ -126,3 +126,37 @@ def test_a_fresh_start_logs_each_step_once(local_data, tmp_path):
     train(Experiment.from_config(tiny(local_data, num_steps=4, eval_every=0, log_every=1)), tmp_path)
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == [1, 2, 3, 4] and all(r["train/loss"] != 9.0 for r in read_metrics(tmp_path))
+
+
+# ---------------------------------------------------------------------- divergence
+def test_divergence_halts_before_saving_and_a_fixed_lr_resumes(local_data, tmp_path):
+    """lr=1e3 from step 20 blows the loss up while it stays finite; the guard halts before any diverged state
+    is saved, names the newest (healthy) checkpoint, and the original lr resumes from it to the end."""
+    c = tiny(local_data, num_steps=20, eval_every=0, checkpoint_every=5, log_every=1, keep_checkpoints=0)
+    train(Experiment.from_config(c), tmp_path)
+    healthy = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path)}
+    lr = c.optimizer.lr
+    c.num_steps, c.optimizer.lr, c.allow_config_change = 40, 1e3, True
+    with pytest.raises(errors.TrainingHalted, match=r"newest checkpoint, step 20 .*allow_config_change") as e:
+        train(Experiment.from_config(c), tmp_path)
+    assert "diverged at step" in str(e.value) or "non-finite" in str(e.value)
+    assert checkpoint.all_steps(tmp_path) == [5, 10, 15, 20]  # nothing saved after the blow-up
+
+    c.optimizer.lr = lr  # the fix: the original lr, resumed from step 20
+    assert train(Experiment.from_config(c), tmp_path)["step"] == 40
+    rows = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path)}
+    assert sorted(rows) == list(range(1, 41))  # each step once: the diverged run's rows were dropped
+    assert all(rows[s] == healthy[s] for s in range(1, 21)) and max(rows.values()) < 2 * max(healthy.values())
+
+
+def test_resume_step_picks_an_older_checkpoint_and_keeps_the_newer_ones_aside(local_data, tmp_path):
+    c = tiny(local_data, num_steps=12, eval_every=0, checkpoint_every=4, log_every=1, keep_checkpoints=0)
+    train(Experiment.from_config(c), tmp_path)
+    c.resume_step = 5
+    with pytest.raises(errors.CheckpointError, match=r"no checkpoint at that step; its checkpoints are at steps \[4, 8, 12\]"):
+        train(Experiment.from_config(c), tmp_path)
+    c.resume_step, c.num_steps = 4, 10
+    assert train(Experiment.from_config(c), tmp_path)["step"] == 10
+    assert checkpoint.all_steps(tmp_path) == [4, 8, 10]
+    assert sorted(p.split("-")[0] for p in os.listdir(tmp_path / "discarded")) == ["12", "8"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))

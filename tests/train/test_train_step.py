@@ -23,7 +23,7 @@ from llama_jax.model import (
     stack_layers,
     unstack_layers,
 )
-from llama_jax.train import OptimizerConfig, Run, SkipGuard, TrainProgram, TrainState, check_skips, optim
+from llama_jax.train import DivergenceGuard, OptimizerConfig, Run, TrainProgram, TrainState, optim
 from tests.helpers import program_of
 
 # num_kv_heads=4 so that tensor=4 divides it; all dims divisible by 8; biases and q/k norms on so that
@@ -212,13 +212,18 @@ def test_loss_is_per_target_token_with_mask_and_z_loss(reference):
 
 
 # ---------------------------------------------------------------------- non-finite steps
+class NoCheckpoints:
+    def resume_hint(self):
+        return "No checkpoint was saved."
+
+
 def test_nan_batch_is_skipped_and_streak_halts(reference):
     trainer, init = reference["trainer"], reference["init"]
     bad = make_batch(0)
     bad["loss_mask"] = bad["loss_mask"].copy()
     bad["loss_mask"][3, 5] = np.nan
     state = fresh(trainer, init)
-    guard = SkipGuard(max_consecutive_skips=2)
+    guard = DivergenceGuard(max_consecutive_skips=2, spike_factor=0.0, checkpoints=NoCheckpoints())
     run = Run(program=trainer, state=state, num_steps=100, start=0)
     state, m1 = trainer.train_step(state, trainer.shard_batch(bad))
     run.done, run.metrics = 1, m1
@@ -230,14 +235,14 @@ def test_nan_batch_is_skipped_and_streak_halts(reference):
     # Params and the whole optimizer state (moments, count) are exactly as before the step.
     for a, b in zip(jax.tree.leaves((host.params, host.opt_state)), jax.tree.leaves((init.params, init.opt_state))):
         np.testing.assert_array_equal(a, b)
-    check_skips(m1, max_consecutive_skips=2)  # one skip: no halt
+    DivergenceGuard(2, 0.0, NoCheckpoints()).check(1, m1)  # one skip: no halt
 
     state, m2 = trainer.train_step(state, trainer.shard_batch(bad))
     run.done, run.metrics = 2, m2
     guard(run)  # checks m1 (streak 1): no halt yet
     assert int(m2["consecutive_skips"]) == 2
-    with pytest.raises(TrainingHalted, match=r"2 consecutive train steps had a non-finite"):
-        check_skips(m2, max_consecutive_skips=2)
+    with pytest.raises(TrainingHalted, match=r"2 consecutive train steps up to step 2 had a non-finite"):
+        DivergenceGuard(2, 0.0, NoCheckpoints()).check(2, m2)
     run.done = run.num_steps
     with pytest.raises(TrainingHalted):
         guard(run)  # at the last step the deferred check of m2 runs too
