@@ -1,5 +1,7 @@
 """Checkpoints: shape checks that name every param, restoring across scan_layers layouts, older layouts."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -63,3 +65,38 @@ def test_a_train_state_from_the_older_layout_is_refused_with_the_fix(tmp_path):
     got = checkpoint.restore_params(tmp_path, param_shapes(CFG))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+def _flip_bits(path, offsets):
+    data = bytearray(path.read_bytes())
+    for o in offsets:
+        data[o % len(data)] ^= 1 << (o % 8)
+    path.write_bytes(bytes(data))
+
+
+def _params_files(workdir, step):
+    root = workdir / "checkpoints" / str(step) / "params"
+    return sorted((p for p in root.rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: -p.stat().st_size)
+
+
+def test_flipped_bits_in_a_params_file_are_caught_naming_the_array(tmp_path):
+    """Orbax stores zstd chunks with no checksum of the data: a flipped bit either breaks decoding or, before
+    checksums, restored as a wrong value, silently. Every flip must now be a CheckpointError that names the
+    checkpoint and the older one to use; flips the decoder misses name the damaged array."""
+    params = init_params(CFG, jax.random.key(0))
+    for step in (1, 2):
+        checkpoint.save_params(tmp_path, params, step=step)
+    assert checkpoint.restore_params(tmp_path, param_shapes(CFG)) is not None  # intact: verifies and loads
+    biggest = _params_files(tmp_path, 2)[0]
+    pristine = biggest.read_bytes()
+    outcomes = []
+    for i in range(24):  # single bits spread over the whole file
+        biggest.write_bytes(pristine)
+        _flip_bits(biggest, [(i * len(pristine) // 24 + 7) * 8 + i % 8])
+        with pytest.raises(errors.CheckpointError, match=r"--step=1") as e:
+            checkpoint.restore_params(tmp_path, param_shapes(CFG))
+        outcomes.append("damaged" if "is damaged" in str(e.value) else "unreadable")
+        if outcomes[-1] == "damaged":  # names the array: "... differ from the checksums written with it (['embed']..."
+            assert re.search(r"checkpoints/2 is damaged: 1 array\(s\) differ from the checksums written with it "
+                             r"\(\['\w+'\]", str(e.value)), str(e.value)
+    assert outcomes.count("damaged") >= 3, outcomes  # flips that decode fine are common; checksums catch them
