@@ -7,6 +7,7 @@ import difflib
 import glob
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -67,6 +68,11 @@ def tfds_builder(name: str, data_dir: str, manual_dir: str):
                 f"../shared/data/tinyshakespeare.txt {manual_dir}/input.txt`)."
             )
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    # Building can take minutes (and, offline without manual_dir, TFDS retries downloads for minutes): say so.
+    logging.getLogger(__name__).info(
+        "building TFDS dataset %s into %s%s", builder.info.full_name, builder.data_dir,
+        f" from {manual_dir}" if manual_dir else " (downloading; offline, pass --config.data.manual_dir)",
+    )
     try:
         builder.download_and_prepare(download_config=download_config)
     except Exception as e:  # TFDS raises many types; all get the fix named
@@ -233,8 +239,9 @@ def check_no_leak(data_cfg: DataConfig) -> None:
     if data_cfg.train_files:
         if not data_cfg.eval_files:
             return
-        train = {os.path.abspath(p) for p in _expand_files(data_cfg.train_files, "data.train_files")}
-        evals = {os.path.abspath(p) for p in _expand_files(data_cfg.eval_files, "data.eval_files")}
+        # Real paths: a symlink (or a second path) to a training file is that training file.
+        train = {os.path.realpath(p) for p in _expand_files(data_cfg.train_files, "data.train_files")}
+        evals = {os.path.realpath(p) for p in _expand_files(data_cfg.eval_files, "data.eval_files")}
         if train & evals:
             raise DataError(
                 f"eval files are also training files: {sorted(train & evals)}; held-out data must not be "

@@ -258,7 +258,7 @@ class Log(Hook):
         row["train/tokens_per_sec"] = tps
         row["train/mfu"] = tps * self.flops_per_token / self.peak_flops
         self.writer.write(run.done, row)
-        run.last.update(row)
+        run.last.update(row, **{"train/logged_step": run.done})  # a stop between log steps reports it
         if self.progress is not None:
             self.progress.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{tps:,.0f}",
                                           mfu=f"{row['train/mfu']:.1%}")

@@ -32,6 +32,7 @@ from llama_jax.lock import WorkdirLock
 from llama_jax.sections import Section
 from llama_jax.train import hooks
 from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics, truncate_metrics
+from llama_jax.train.optim import make_schedule
 from llama_jax.train.program import TrainProgram
 from llama_jax.train.step import restore_state
 
@@ -119,6 +120,10 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     # resume leaves config.json, the tokenizer and metrics.jsonl as they were.
     run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
     run.done = run.start
+    if run.start >= loop.num_steps:
+        log.warning("nothing to train: %s already holds step %d of num_steps=%d; raise --config.num_steps to "
+                    "train longer.", workdir, run.start, loop.num_steps)
+        return {**_last_logged(workdir), "step": run.start}
     if distributed.is_main_process():
         checkpoint.write_config(workdir, exp.to_dict())
         tokenizer.save(checkpoint.tokenizer_dir(workdir))
@@ -152,6 +157,14 @@ def _workdir_lock(workdir: str):
             lock.release()
 
 
+def _last_logged(workdir: str) -> dict[str, Any]:
+    """The newest value of every metric in metrics.jsonl (a finished run's summary)."""
+    last: dict[str, Any] = {}
+    for row in read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []:
+        last.update({k: v for k, v in row.items() if v is not None})
+    return last
+
+
 def _check_workdir(exp: Experiment, workdir: str) -> int | None:
     """The step to resume from (None: a fresh run), after checking the workdir can be resumed with `exp`."""
     partial = checkpoint.incomplete_checkpoints(workdir)
@@ -168,7 +181,22 @@ def _check_workdir(exp: Experiment, workdir: str) -> int | None:
         resume_step = exp.loop.resume_step
     if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and resume_step is not None:
         checkpoint.check_resume_config(workdir, exp.to_dict())
+        _warn_if_the_schedule_moves(exp, checkpoint.read_config(workdir)["num_steps"], resume_step)
     return resume_step
+
+
+def _warn_if_the_schedule_moves(exp: Experiment, old_num_steps: int, step: int) -> None:
+    """num_steps may change on resume, but the lr schedule is a function of it: say what the lr does next."""
+    if old_num_steps == exp.loop.num_steps or step >= exp.loop.num_steps:
+        return
+    before = float(make_schedule(exp.optimizer, old_num_steps)(step))
+    after = float(make_schedule(exp.optimizer, exp.loop.num_steps)(step))
+    if not math.isclose(before, after, rel_tol=1e-6):
+        log.warning(
+            "num_steps %d -> %d rescales the %s schedule: the next update (step %d) uses lr %.3g, where the "
+            "run as started would have used %.3g.", old_num_steps, exp.loop.num_steps, exp.optimizer.schedule,
+            step + 1, after, before,
+        )
 
 
 def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resume_step):
@@ -241,4 +269,6 @@ def _call(hook: hooks.Hook, run: hooks.Run) -> None:
 def summarize(metrics: dict[str, Any]) -> str:
     keys = ("train/loss", "eval/loss", "eval/perplexity", "eval/bits_per_byte", "train/tokens_per_sec", "train/mfu")
     parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics and not math.isnan(float(np.asarray(metrics[k])))]
-    return f"step {metrics.get('step')}: " + ", ".join(parts)
+    logged = metrics.get("train/logged_step")
+    at = f" (train/* as logged at step {logged})" if logged is not None and logged != metrics.get("step") else ""
+    return f"step {metrics.get('step')}: " + ", ".join(parts) + at

@@ -464,3 +464,10 @@ def test_jsonl_text_field_that_is_not_a_string(tmp_path, value, found):
     (tmp_path / "d.jsonl").write_text(f'{{"body": "ok"}}\n{{"body": {value}}}\n')
     with pytest.raises(errors.DataError, match=rf"d\.jsonl:2: field 'body' is {found}, not a string"):
         data.file_documents(str(tmp_path / "d.jsonl"), text_key="body")
+
+
+def test_an_eval_file_that_links_to_a_training_file_is_a_leak(tmp_path):
+    (tmp_path / "train.txt").write_text("some training text " * 10)
+    (tmp_path / "eval.txt").symlink_to(tmp_path / "train.txt")
+    with pytest.raises(errors.DataError, match="eval files are also training files"):
+        eval_data(config(train_files=str(tmp_path / "train.txt"), eval_files=str(tmp_path / "eval.txt")))

@@ -12,7 +12,7 @@ import pytest
 
 from llama_jax import checkpoint, errors, lock
 from llama_jax.experiment import Experiment
-from llama_jax.train import Hook, read_metrics, train
+from llama_jax.train import Hook, read_metrics, summarize, train
 from tests.helpers import load_config
 
 
@@ -160,3 +160,31 @@ def test_resume_step_picks_an_older_checkpoint_and_keeps_the_newer_ones_aside(lo
     assert checkpoint.all_steps(tmp_path) == [4, 8, 10]
     assert sorted(p.split("-")[0] for p in os.listdir(tmp_path / "discarded")) == ["12", "8"]
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
+
+
+def test_rerunning_a_finished_run_reports_it_and_changes_nothing(local_data, tmp_path, caplog):
+    c = tiny(local_data, num_steps=4, eval_every=4, log_every=2)
+    first = train(Experiment.from_config(c), tmp_path)
+    before = sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*") if p.is_file())
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        again = train(Experiment.from_config(c), tmp_path)
+    assert "nothing to train" in caplog.text and "raise --config.num_steps" in caplog.text
+    assert again["step"] == 4 and again["train/loss"] == first["train/loss"]
+    assert again["eval/bits_per_byte"] == first["eval/bits_per_byte"]
+    assert summarize(again).startswith("step 4: train/loss=")
+    assert sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+def test_extending_num_steps_on_resume_warns_about_the_schedule(local_data, tmp_path, caplog):
+    c = tiny(local_data, num_steps=8, eval_every=0)
+    train(Experiment.from_config(c), tmp_path)
+    c.num_steps = 20
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        train(Experiment.from_config(c), tmp_path)
+    assert "num_steps 8 -> 20 rescales the cosine schedule: the next update (step 9) uses lr" in caplog.text
+
+
+def test_summary_names_the_step_its_train_metrics_come_from():
+    assert summarize({"step": 37, "train/loss": 2.5, "train/logged_step": 30}) == (
+        "step 37: train/loss=2.5 (train/* as logged at step 30)"
+    )
