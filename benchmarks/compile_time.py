@@ -84,8 +84,9 @@ def main(argv=None):
     )
     c_ratio = sc["compile_s"] / un["compile_s"]
     s_ratio = sc["step_s"] / un["step_s"]
-    print(f"scanned/unrolled compile: {100 * c_ratio:.0f}% (target <= 25%); step time: {s_ratio:.2f}x "
-          "(target within 10%)")
+    # The targets are for 32 layers; --quick's 8 layers would read as failures.
+    compile_goal, step_goal = ("", "") if a.quick else (" (target <= 25%)", " (target within 10%)")
+    print(f"scanned/unrolled compile: {100 * c_ratio:.0f}%{compile_goal}; step time: {s_ratio:.2f}x{step_goal}")
     common.emit_json({
         "unrolled_compile_s": un["compile_s"],
         "scanned_compile_s": sc["compile_s"],

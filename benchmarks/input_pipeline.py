@@ -2,6 +2,7 @@
 
     python -m benchmarks.input_pipeline                    # tiny_shakespeare + ~100 MB synthetic text
     python -m benchmarks.input_pipeline --size_mb=10       # quicker
+    python -m benchmarks.input_pipeline --quick            # smoke run: a 2 MB synthetic corpus
 
 Cases: tiny_shakespeare's train split (TFDS, built offline from ../shared/data/tinyshakespeare.txt into a
 temporary dir unless --data_dir/--manual_dir say otherwise) and a synthetic corpus of random Zipf-distributed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -39,6 +40,26 @@ def quiet_logs() -> None:
     logging.getLogger("llama_jax").setLevel(logging.INFO)
 
 
+def _script_name() -> str:
+    return os.path.basename(sys.argv[0]).removesuffix(".py")
+
+
+def _parse_flags(argv):
+    """absl's parser; an unknown `--config.X` key (ml_collections raises KeyError/AttributeError from deep
+    inside flag parsing) becomes one line instead of three chained tracebacks."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e.args[0] if e.args else e)
+        key = re.search(r"'(\w+)", text)
+        hint = re.search(r"(Did you mean [^?]*\?)", text)
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        print(f"{_script_name()}: no such config field {key.group(1) if key else text!r} (in "
+              f"{', '.join(bad)}). {hint.group(1) + ' ' if hint else ''}The fields are those of the config "
+              "file's sections (llama_jax/experiment.py lists them).", file=sys.stderr)
+        sys.exit(1)
+
+
 def run(main) -> None:
     """`absl.app.run(main)`, printing a LlamaJaxError as one line instead of a traceback."""
 
@@ -50,9 +71,9 @@ def run(main) -> None:
         except LlamaJaxError as e:
             if _TRACEBACK.value:
                 raise
-            name = os.path.basename(sys.argv[0]).removesuffix(".py")
+            name = _script_name()
             hint = "" if isinstance(e, Interrupted) else "\n(--traceback shows where it was raised)"
             print(f"{name}: {e}{hint}", file=sys.stderr, flush=True)
             sys.exit(130 if isinstance(e, Interrupted) else 1)  # 130: the shell's code for Ctrl-C
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=_parse_flags)

@@ -11,7 +11,9 @@ logic lives in llama_jax.tools.hf (import_to_workdir / export_from_workdir); thi
 
 from __future__ import annotations
 
-from absl import flags, logging
+import logging
+
+from absl import flags
 
 from experiments import cli
 from llama_jax.tools import hf
@@ -32,16 +34,20 @@ _SCAN_LAYERS = flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["hf_dir", "workdir"])
 
+log = logging.getLogger("llama_jax.convert_hf")  # under "llama_jax": kept at INFO by cli.quiet_logs
+
 
 def main(argv):
+    # Orbax logs ~60 INFO lines per save/restore through absl; only warnings and our result line remain.
+    cli.quiet_logs()
     if _TO_HF.value:
         cfg = hf.export_from_workdir(_WORKDIR.value, _HF_DIR.value, dtype=_DTYPE.value, step=_STEP.value)
-        logging.info("exported %s (%d params) to %s", _WORKDIR.value, cfg.param_count(), _HF_DIR.value)
+        log.info("exported %s (%d params) to %s", _WORKDIR.value, cfg.param_count(), _HF_DIR.value)
     else:
         cfg = hf.import_to_workdir(
             _HF_DIR.value, _WORKDIR.value, scan_layers=_SCAN_LAYERS.value, dtype=_DTYPE.value
         )
-        logging.info("imported %s (%d params) into %s", _HF_DIR.value, cfg.param_count(), _WORKDIR.value)
+        log.info("imported %s (%d params) into %s", _HF_DIR.value, cfg.param_count(), _WORKDIR.value)
 
 
 if __name__ == "__main__":

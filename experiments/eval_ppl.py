@@ -4,12 +4,15 @@
     python -m experiments.eval_ppl --workdir=DIR
     # another split / dataset, or a local text file (one document)
     python -m experiments.eval_ppl --workdir=DIR --split=test
-    python -m experiments.eval_ppl --workdir=DIR --config.data.tfds_name=wikitext/wikitext-103-raw-v1 \
-        --config.data.eval_split=test
+    # Wikipedia articles (TFDS has no wikitext; wiki40b is a Beam dataset: build it once as array_record,
+    # `tfds build wiki40b/en --file_format=array_record --data_dir=TFDS_DIR`, with apache-beam installed)
+    python -m experiments.eval_ppl --workdir=DIR --config.data.tfds_name=wiki40b/en \
+        --config.data.eval_split=test --config.data.text_key=text --config.data.data_dir=TFDS_DIR
     python -m experiments.eval_ppl --workdir=DIR --text_file=book.txt --seq_len=2048 --stride=512
 
 Prints a final JSON line {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}
-(strict JSON: a non-finite value is null and listed under "nonfinite", and the exit status is then 1).
+(strict JSON: a non-finite value is null and listed under "nonfinite", and the exit status is then 1);
+a progress bar over the eval batches goes to stderr (in a log file, a line a minute).
 Every target token is scored exactly once; --stride=S scores each token with at least seq_len - S + 1
 tokens of context (sliding windows, llama_jax/data/eval_data.py). DIR may come from training or from
 `experiments.convert_hf` (tokenizer: DIR/tokenizer). Params are data-parallel over all devices by default;

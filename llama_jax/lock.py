@@ -43,7 +43,14 @@ class WorkdirLock:
     def acquire(cls, workdir) -> WorkdirLock:
         """Take the workdir's lock, or raise CheckpointError naming the run that holds it."""
         workdir = epath.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        if workdir.exists() and not workdir.is_dir():
+            raise CheckpointError(f"--workdir={workdir} is a file, not a directory; name a new or existing workdir.")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / f"{LOCK_FILE}.probe").write_text("")  # a read-only place fails here, before any work
+            (workdir / f"{LOCK_FILE}.probe").unlink()
+        except OSError as e:
+            raise CheckpointError(f"cannot write to --workdir={workdir} ({e.strerror}); choose a writable one.") from e
         path = workdir / LOCK_FILE
         held = _read(path)
         if held is not None:

@@ -188,3 +188,12 @@ def test_summary_names_the_step_its_train_metrics_come_from():
     assert summarize({"step": 37, "train/loss": 2.5, "train/logged_step": 30}) == (
         "step 37: train/loss=2.5 (train/* as logged at step 30)"
     )
+
+
+def test_a_workdir_that_is_a_file_or_unwritable_is_one_clear_error(local_data, tmp_path):
+    c = tiny(local_data, num_steps=2, eval_every=0)
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(errors.CheckpointError, match=r"workdir=.*file is a file, not a directory"):
+        train(Experiment.from_config(c), tmp_path / "file")
+    with pytest.raises(errors.CheckpointError, match=r"cannot write to --workdir=.*file/sub"):
+        train(Experiment.from_config(c), tmp_path / "file" / "sub")  # its parent is a file
