@@ -8,6 +8,7 @@ Only process 0 writes. Metric names are a contract other tools read: "step", "tr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -59,7 +60,16 @@ def peak_flops() -> tuple[float, str]:
     device = jax.devices()[0]
     if device.platform == "cpu":
         # Emulated CPU devices share the host's cores, so the host's matmul peak is the whole machine.
-        return measure_matmul_peak() * jax.process_count(), "measured f32 matmul peak of the CPU host"
+        source = "measured f32 matmul peak of the CPU host"
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > 0.5 * cores:
+            # Measured while other work ran, the peak is low and the MFU against it too high.
+            source += f", under load ({load:.1f} on {cores} cores): MFU reads high"
+            logging.getLogger(__name__).warning(
+                "the CPU is busy (1-minute load %.1f on %d cores): the matmul peak measured now is low, so "
+                "train/mfu will read high; compare MFU only between runs on a quiet machine.", load, cores
+            )
+        return measure_matmul_peak() * jax.process_count(), source
     for name, flops in PEAK_FLOPS:
         if name.lower() in device.device_kind.lower():
             return flops * jax.device_count(), f"{name} bf16 peak x {jax.device_count()} devices"

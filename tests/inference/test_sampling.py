@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax.data import ByteTokenizer, train_sentencepiece
+from llama_jax.errors import ConfigError
 from llama_jax.inference import generate, sample_logits, top_p_mask
 from llama_jax.inference.sampling import encode_prompt
 from llama_jax.model import Llama, init_params, preset, stack_layers
@@ -125,3 +126,10 @@ def test_prompt_characters_the_tokenizer_cannot_encode_are_warned(tmp_path, capl
     assert record.levelno == logging.WARNING
     assert "'ü' (U+00FC)" in record.getMessage() and "byte fallback" in record.getMessage()
     assert "'x'" not in record.getMessage()  # only the lost characters are named
+
+
+def test_max_new_tokens_below_one_is_a_clear_error():
+    params = init_params(CFG, jax.random.key(0))
+    for n in (0, -3):
+        with pytest.raises(ConfigError, match=rf"max_new_tokens={n} must be >= 1"):
+            generate(params, CFG, [[1, 2, 3]], max_new_tokens=n)

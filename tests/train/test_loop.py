@@ -12,7 +12,7 @@ import pytest
 
 from llama_jax import checkpoint, errors, lock
 from llama_jax.experiment import Experiment
-from llama_jax.train import Hook, read_metrics, summarize, train
+from llama_jax.train import Hook, peak_flops, read_metrics, summarize, train
 from tests.helpers import load_config
 
 
@@ -197,3 +197,13 @@ def test_a_workdir_that_is_a_file_or_unwritable_is_one_clear_error(local_data, t
         train(Experiment.from_config(c), tmp_path / "file")
     with pytest.raises(errors.CheckpointError, match=r"cannot write to --workdir=.*file/sub"):
         train(Experiment.from_config(c), tmp_path / "file" / "sub")  # its parent is a file
+
+
+def test_mfu_on_a_busy_cpu_says_it_reads_high(monkeypatch, caplog):
+    """The CPU's matmul peak is measured at start-up; measured under load it is low and MFU reads high."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    with caplog.at_level("WARNING"):
+        _, source = peak_flops()
+    assert "under load" in source and "train/mfu will read high" in caplog.text
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert "under load" not in peak_flops()[1]
