@@ -471,3 +471,11 @@ def test_an_eval_file_that_links_to_a_training_file_is_a_leak(tmp_path):
     (tmp_path / "eval.txt").symlink_to(tmp_path / "train.txt")
     with pytest.raises(errors.DataError, match="eval files are also training files"):
         eval_data(config(train_files=str(tmp_path / "train.txt"), eval_files=str(tmp_path / "eval.txt")))
+
+
+def test_a_tfds_build_says_what_it_is_doing(tmp_path, tfds_manual_dir, caplog):
+    """Online, TFDS retries downloads for minutes; the project says first what it is building and the fix."""
+    with caplog.at_level("INFO", logger="llama_jax"):
+        data.tfds_builder("tiny_shakespeare", str(tmp_path / "tfds"), str(tfds_manual_dir))
+    assert f"building TFDS dataset tiny_shakespeare/1.0.0 into {tmp_path / 'tfds'}" in caplog.text
+    assert f"from {tfds_manual_dir}" in caplog.text
