@@ -120,28 +120,23 @@ def test_sigkill_after_step_8_checkpoint_resumes_bit_identically(straight, tmp_p
     _assert_bit_identical(_final_params(workdir), _final_params(straight))
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(straight, tmp_path, data_flags):
-    workdir = str(tmp_path / "termed")
+@pytest.mark.parametrize(
+    "sig, status, says",
+    [
+        (signal.SIGTERM, 0, "preempted: saved step {step} to {workdir}"),
+        # The first Ctrl-C finishes the step, saves it, and exits 130 with one line (no traceback).
+        (signal.SIGINT, 130, "train: interrupted by Ctrl-C: saved step {step} to {workdir}"),
+    ],
+    ids=["sigterm", "ctrl-c"],
+)
+def test_sigterm_and_ctrl_c_save_exit_and_resume_bit_identically(straight, tmp_path, data_flags, sig, status, says):
+    workdir = str(tmp_path / "stopped")
     flags = _flags(*data_flags)
-    assert _kill_after_checkpoint(workdir, flags, 4, signal.SIGTERM) == 0
-    stopped_at = max(_complete_steps(workdir))
-    assert 4 <= stopped_at < NUM_STEPS
-    out = _run(workdir, flags)
-    assert f"resuming from the checkpoint at step {stopped_at}" in out
-    want, got = _train_losses(straight), _train_losses(workdir)
-    assert got == want
-    _assert_bit_identical(_final_params(workdir), _final_params(straight))
-
-
-def test_ctrl_c_saves_exits_130_and_resumes_bit_identically(straight, tmp_path, data_flags):
-    """The first Ctrl-C finishes the step, saves it, and exits 130 with one line (no traceback)."""
-    workdir = str(tmp_path / "interrupted")
-    flags = _flags(*data_flags)
-    assert _kill_after_checkpoint(workdir, flags, 4, signal.SIGINT) == 130
+    assert _kill_after_checkpoint(workdir, flags, 4, sig) == status
     stopped_at = max(_complete_steps(workdir))
     assert 4 <= stopped_at < NUM_STEPS
     log = open(workdir + ".log").read()
-    assert f"train: interrupted by Ctrl-C: saved step {stopped_at} to {workdir}" in log and "Traceback" not in log
+    assert says.format(step=stopped_at, workdir=workdir) in log and "Traceback" not in log
     out = _run(workdir, flags)
     assert f"resuming from the checkpoint at step {stopped_at}" in out
     assert _train_losses(workdir) == _train_losses(straight)
