@@ -99,6 +99,10 @@ def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = ())
 def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hooks) -> dict[str, Any]:
     loop = exp.loop
     resume_step = _check_workdir(exp, workdir)
+    if resume_step is not None and resume_step >= loop.num_steps:
+        log.warning("nothing to train: %s already holds step %d of num_steps=%d; raise --config.num_steps to "
+                    "train longer.", workdir, resume_step, loop.num_steps)
+        return {**_last_logged(workdir), "step": resume_step}
     tokenizer = training_tokenizer(exp.data, checkpoint.tokenizer_dir(workdir),
                                    is_main_process=distributed.is_main_process())
     check_vocab(tokenizer, exp.model.vocab_size)
@@ -110,20 +114,16 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     mngr = checkpoint.manager(workdir, max_to_keep=loop.keep_checkpoints or None,
                               keep_period=loop.keep_period or None, enable_async_checkpointing=True)
     state = _initial_state(exp, program, mngr, train_data, resume_step)
+    # Only now, with the checkpoint restored (or a fresh state built), does the workdir change: a failed
+    # resume leaves the checkpoints, config.json, the tokenizer and metrics.jsonl as they were.
     if resume_step is not None:
         if distributed.is_main_process():
             checkpoint.discard_after(workdir, resume_step)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("llama_jax: newer checkpoints discarded")
         mngr.reload()  # it listed any moved steps
-    # Only now, with the checkpoint restored (or a fresh state built), does the workdir change: a failed
-    # resume leaves config.json, the tokenizer and metrics.jsonl as they were.
     run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
     run.done = run.start
-    if run.start >= loop.num_steps:
-        log.warning("nothing to train: %s already holds step %d of num_steps=%d; raise --config.num_steps to "
-                    "train longer.", workdir, run.start, loop.num_steps)
-        return {**_last_logged(workdir), "step": run.start}
     if distributed.is_main_process():
         checkpoint.write_config(workdir, exp.to_dict())
         tokenizer.save(checkpoint.tokenizer_dir(workdir))
