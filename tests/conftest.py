@@ -59,7 +59,7 @@ def trained_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def hf_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
-    """A workdir imported with llama_jax.hf.import_to_workdir from an HF checkpoint written by save_hf_llama:
+    """A workdir imported with llama_jax.tools.hf.import_to_workdir from an HF checkpoint written by save_hf_llama:
     the "tiny" preset with random weights scaled x8 (peaked, context-dependent predictions) and a byte-level
     BPE tokenizer.json (300 ids; <s>=0 is BOS, </s>=1 is EOS) trained on tiny-shakespeare. Read-only."""
     root = tmp_path_factory.mktemp("hf_tiny")

@@ -1,6 +1,6 @@
 """Mesh construction, partition rules and their checks, opt-state shardings, batch sharding (8 CPU devices).
 
-Nothing here compiles a train step; the end-to-end sharded step is tested in test_train_step.py.
+Nothing here compiles a train step; the end-to-end sharded step is tested in train/test_train_step.py.
 """
 
 import math

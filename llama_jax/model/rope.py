@@ -3,7 +3,7 @@
 Convention: the *half-split* rotation (GPT-NeoX / HF transformers): dimension i of a head is paired with
 dimension i + head_dim/2. Meta's original checkpoints pair interleaved dimensions (2i, 2i+1); HF's
 conversion script permutes the q/k projection rows so that HF checkpoints use half-split, which is why
-HF weights import here unchanged, and why `llama_jax.hf` documents that it expects HF-format weights.
+HF weights import here unchanged, and why `llama_jax.tools.hf` documents that it expects HF-format weights.
 """
 
 from __future__ import annotations

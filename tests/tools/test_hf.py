@@ -1,4 +1,4 @@
-"""llama_jax.hf against transformers' PyTorch LlamaForCausalLM (CPU, float32, eager attention).
+"""llama_jax.tools.hf against transformers' PyTorch LlamaForCausalLM (CPU, float32, eager attention).
 
 Each parity config is a random tiny HF model whose weights are re-drawn at a scale that makes logits O(1-10)
 (HF's own init, std 0.02, gives near-zero logits that would agree with anything), saved with
