@@ -1,5 +1,6 @@
-"""Every `python -m experiments.*` command in the README parses exactly as written: its flags exist, and its
---config file loads with every --config.* override applied (absl's --only_check_args stops before it runs).
+"""The README's Python snippets run, and every `python -m experiments.*` command in it parses exactly as
+written: its flags exist, and its --config file loads with every --config.* override applied (absl's
+--only_check_args stops before it runs).
 The main job and the test command themselves run in .ci/run; the benchmarks' --quick runs in
 tests/test_benchmarks.py. Commands with placeholders for the reader's own files (configs/X.py) are skipped."""
 
@@ -9,8 +10,6 @@ import shlex
 import pytest
 
 from tests.helpers import REPO, run_module
-
-pytestmark = pytest.mark.slow
 
 
 def readme_commands() -> list[str]:
@@ -37,7 +36,16 @@ def test_the_readme_has_the_commands_we_expect():
             "experiments.sweep", "experiments.convert_hf", "experiments.train_tokenizer"} <= scripts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c in COMMANDS if "configs/X.py" not in c], ids=lambda c: c[:60])
 def test_readme_command_parses_as_written(command):
     r = run_module(*shlex.split(command), "--only_check_args", timeout=120)
     assert r.returncode == 0, f"{command}\n{r.stderr[-2000:]}"
+
+
+def test_readme_python_examples_run():
+    """The README's Python snippets (the model API) run as written."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
