@@ -10,7 +10,7 @@ from llama_jax.experiment import base_config
 
 
 def get_config():
-    c = base_config("llama3_2_1b", dtype="bfloat16", remat_policy="dots_with_no_batch_dims", scan_layers=True)
+    c = base_config("llama3_2_1b", dtype="bfloat16", remat_policy="save_dots", scan_layers=True)
     c.model.attention_impl = "dot_product"
     c.model.max_seq_len = 2048
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1

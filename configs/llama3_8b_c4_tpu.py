@@ -8,7 +8,7 @@ from llama_jax.experiment import base_config
 
 
 def get_config():
-    c = base_config("llama3_8b", dtype="bfloat16", remat_policy="dots_with_no_batch_dims", scan_layers=True)
+    c = base_config("llama3_8b", dtype="bfloat16", remat_policy="save_dots", scan_layers=True)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
     c.sharding.rule_set = "fsdp_tp"
     c.num_steps = 250_000

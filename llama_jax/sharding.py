@@ -124,6 +124,12 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ("tpu", "gpu", "cpu") a program over `mesh` is compiled for: its devices', which for
+    an ahead-of-time compile (abstract TPU devices on a CPU host) is not the runtime backend."""
+    return mesh.devices.flat[0].platform
+
+
 # ---------------------------------------------------------------------- rule sets
 # FSDP + Megatron TP, written for the unscanned param layout (see the module docstring). Shapes:
 #   embed [V, D], q_proj [D, H, hd], k/v_proj [D, KV, hd], o_proj [H, hd, D], gate/up [D, F],
@@ -158,8 +164,13 @@ def _without_axes(rules: Sequence[Rule], drop: set[str]) -> tuple[Rule, ...]:
     return tuple((regex, tuple(strip(e) for e in spec)) for regex, spec in rules)
 
 
-_TP_ACTIVATIONS = ("heads", "kv_heads", "mlp", "vocab")
-_LOGICAL_NAMES = ("batch", "length", "embed", *_TP_ACTIVATIONS)
+# "embed" is the residual stream between blocks (and the embedding's output): sharding it over tensor too
+# stores each layer's saved input once per tensor group instead of on every tensor-parallel chip (the
+# 4x that sequence parallelism saves in Megatron; MaxText shards activation_embed the same way). XLA
+# all-gathers it before the column-parallel projections and reduce-scatters after the row-parallel ones,
+# where it would otherwise all-reduce.
+_TP_ACTIVATIONS = ("heads", "kv_heads", "mlp", "vocab", "embed")
+_LOGICAL_NAMES = ("batch", "length", *_TP_ACTIVATIONS)
 
 
 def _activation_rules(tensor_parallel: bool) -> tuple[tuple[str, AxisSpec], ...]:

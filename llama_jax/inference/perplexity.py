@@ -31,7 +31,7 @@ from llama_jax import checkpoint, distributed, sharding
 from llama_jax.data import DataConfig, documents_for_role, eval_windows, text_file_documents
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
-from llama_jax.model import Llama, ModelConfig, batch_loss_sums
+from llama_jax.model import Llama, ModelConfig, batch_loss_sums, for_platform
 
 _MAX_EXP_ARG = math.log(sys.float_info.max)
 
@@ -88,7 +88,7 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh, rules: sharding.RuleSe
 
     Sums rather than means so that an eval loop can add batches of any size and divide once.
     """
-    model = Llama(model_config)
+    model = Llama(for_platform(model_config, sharding.mesh_platform(mesh)))
 
     def eval_step(params, batch):
         with sharding.activation_context(mesh, rules.activations):

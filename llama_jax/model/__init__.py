@@ -4,7 +4,8 @@ config -> linear -> norm -> rope -> attention -> mlp -> block -> transformer; pa
 layouts); loss (token-weighted cross-entropy sums).
 """
 
-from llama_jax.model.config import PRESETS, ModelConfig, preset
+from llama_jax.model.attention import for_platform
+from llama_jax.model.config import PRESETS, REMAT_POLICIES, REMAT_SAVES, ModelConfig, preset
 from llama_jax.model.loss import batch_loss_sums, loss_sums, target_mask
 from llama_jax.model.params import (
     count_params,
@@ -19,11 +20,14 @@ from llama_jax.model.transformer import KVCache, Llama
 
 __all__ = [
     "PRESETS",
+    "REMAT_POLICIES",
+    "REMAT_SAVES",
     "KVCache",
     "Llama",
     "ModelConfig",
     "batch_loss_sums",
     "count_params",
+    "for_platform",
     "init_params",
     "loss_sums",
     "param_shapes",

@@ -10,15 +10,21 @@ Kernels (`model.attention_impl`):
   fully masked blocks; `xla_attention`, the dense masked form, is the reference every kernel is tested
   against.
 - "dot_product": `jax.nn.dot_product_attention`, which dispatches to cuDNN flash attention on GPUs.
-- "splash": Pallas splash attention (TPU). Off-TPU it runs in Pallas interpret mode, so tests verify the
+- "splash": Pallas splash attention, compiled by Mosaic for TPU.
+- "splash_interpret": the same kernel in Pallas interpret mode, on any backend: tests on CPU verify the
   exact kernel a TPU user runs.
 - "auto": splash on TPU, dot_product on GPU, xla on CPU.
+"auto" and "splash" are resolved for the platform the step is *compiled for* (`for_platform`, called
+with the mesh's devices), not the host's runtime backend: compiling ahead of time for a TPU topology on a
+CPU host must produce the TPU kernel.
 Splash needs sequence lengths that are multiples of 128; other lengths take the xla path.
 Decoding with a KV cache always uses `cached_attention` (XLA): a handful of query tokens gains nothing
 from a flash kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -34,11 +40,19 @@ from llama_jax.model.rope import apply_rope, inverse_frequencies
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-    if impl != "auto":
-        return impl
-    backend = backend or jax.default_backend()
-    return {"tpu": "splash", "gpu": "dot_product"}.get(backend, "xla")
+def resolve_impl(impl: str, platform: str) -> str:
+    """The kernel `impl` means on `platform` ("tpu", "gpu", "cpu"): auto picks, splash off-TPU interprets."""
+    if impl == "auto":
+        impl = {"tpu": "splash", "gpu": "dot_product"}.get(platform, "xla")
+    if impl == "splash" and platform != "tpu":
+        impl = "splash_interpret"
+    return impl
+
+
+def for_platform(config: ModelConfig, platform: str) -> ModelConfig:
+    """`config` with its attention kernel resolved for `platform` (the compile target's, e.g.
+    `mesh.devices.flat[0].platform`). Every jitted program builds its model from this."""
+    return config.replace(attention_impl=resolve_impl(config.attention_impl, platform))
 
 
 def make_mask(q_slots, k_slots, q_segment_ids, k_segment_ids):
@@ -168,11 +182,17 @@ def dot_product_attention(q, k, v, segment_ids):
 SPLASH_BLOCK_MULTIPLE = 128
 
 
+# Splash's own default block sizes (MaxText's too): a multiple of the 128-lane vector width that Mosaic
+# tiles by, large enough that the per-block grid overhead is small, and small enough for VMEM at
+# head_dim 128 in every generation from v4 to v6e (compiled in tests/tools/test_plan.py).
+SPLASH_BLOCK = 512
+
+
 def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    block = min(512, seq_len)
+    block = min(SPLASH_BLOCK, seq_len)
     sizes = sk.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -188,12 +208,12 @@ def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
     return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash_local(q, k, v, segment_ids):
+def _splash_local(q, k, v, segment_ids, interpret: bool):
     """Splash on one device's block: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, ...]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, h, d = q.shape
-    kernel = _splash_kernel(h, t, interpret=jax.default_backend() != "tpu")
+    kernel = _splash_kernel(h, t, interpret=interpret)
     q = q.transpose(0, 2, 1, 3)  # [batch, heads, q_len, head_dim]
     k = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
     v = v.transpose(0, 2, 1, 3)
@@ -205,15 +225,16 @@ def _splash_local(q, k, v, segment_ids):
     return out.transpose(0, 2, 1, 3)  # [batch, q_len, heads, head_dim]
 
 
-def splash_attention(q, k, v, segment_ids):
+def splash_attention(q, k, v, segment_ids, interpret: bool = False):
     """Pallas splash attention; the causal mask is static, so fully masked blocks are skipped.
 
     A Mosaic kernel cannot be auto-partitioned, so under a device mesh it runs inside shard_map, each
     device on its own batch rows and heads, laid out by the same logical rules as the activations.
     """
+    local = functools.partial(_splash_local, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _splash_local(q, k, v, segment_ids)
+        return local(q, k, v, segment_ids)
     q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", None))
     kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", None))
     seg_spec = nn.logical_to_mesh_axes(("batch", "length"))
@@ -224,7 +245,7 @@ def splash_attention(q, k, v, segment_ids):
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     return jax.shard_map(
-        _splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
     )(q, k, v, segment_ids)
 
 
@@ -250,7 +271,7 @@ class Attention(nn.Module):
             inv_freq = inverse_frequencies(cfg)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-        # Named so that the "qkv_proj" remat policy can keep them and recompute the rest.
+        # Names for the remat policies (config.REMAT_SAVES).
         q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", None))
@@ -273,8 +294,10 @@ class Attention(nn.Module):
                 jax.lax.dynamic_update_slice_in_dim(v_buf, v_new, index, axis=2),
             )
         else:
-            impl = resolve_impl(cfg.attention_impl)
-            if impl == "splash" and seq % SPLASH_BLOCK_MULTIPLE:
+            impl = cfg.attention_impl
+            if impl == "auto":  # a direct Llama.apply, not a program built by for_platform: the runtime's
+                impl = resolve_impl(impl, jax.default_backend())
+            if impl.startswith("splash") and seq % SPLASH_BLOCK_MULTIPLE:
                 impl = "xla"  # the kernel tiles the sequence in blocks of 128 (e.g. init's 1-token call)
             if impl == "xla":
                 seg = segment_ids if segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
@@ -282,8 +305,9 @@ class Attention(nn.Module):
             elif impl == "dot_product":
                 out = dot_product_attention(q, k, v, segment_ids)
             else:
-                out = splash_attention(q, k, v, segment_ids)
+                out = splash_attention(q, k, v, segment_ids, interpret=impl == "splash_interpret")
         out = checkpoint_name(out, "attn_out")
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", None))
         out = dense(cfg, cfg.dim, "o_proj", num_contract=2)(out)  # [batch, seq, embed]
+        out = checkpoint_name(out, "out_proj")
         return out, new_cache

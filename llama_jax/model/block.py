@@ -6,16 +6,10 @@ import flax.linen as nn
 import jax
 
 from llama_jax.model.attention import Attention
-from llama_jax.model.config import ModelConfig
+from llama_jax.model.config import REMAT_SAVES, ModelConfig
 from llama_jax.model.mlp import Mlp
 from llama_jax.model.norm import Norm
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attn_out"),
-}
 
 
 class Block(nn.Module):
@@ -41,12 +35,15 @@ class Block(nn.Module):
         else:
             x = x + attn_out
             x = x + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
-        return x, new_kv
+        # The output is the next layer's input, which every remat policy saves: placed like the input.
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_kv
 
 
 def block_class(config: ModelConfig):
-    """Block, wrapped in nn.remat by `model.remat_policy`."""
+    """Block, wrapped in nn.remat by `model.remat_policy`: it saves exactly the activations that
+    REMAT_SAVES names for the policy (the names are `checkpoint_name`s in attention.py and mlp.py)."""
     if config.remat_policy == "none":
         return Block
+    policy = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[config.remat_policy])
     # prevent_cse is only needed outside scan; inside, it would block useful XLA optimisations.
-    return nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+    return nn.remat(Block, policy=policy, prevent_cse=not config.scan_layers)

@@ -24,8 +24,21 @@ MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 POSITIONS = ("rope", "none")
 ROPE_SCALINGS = ("none", "llama3")
-ATTENTION_IMPLS = ("auto", "xla", "dot_product", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "qkv_proj")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "splash", "splash_interpret")
+# What each remat policy keeps in memory for the backward pass, by the names the block gives its
+# activations (`checkpoint_name`): everything else in a layer is recomputed. Every policy keeps each
+# layer's input (the residual stream). Per layer and token, in units of `dim` elements (Llama-3-8B:
+# dim 4096, 8 kv heads of 128, ffn 14336): qkv_proj 1.5 (q, k, v after RoPE), attn_out 1, out_proj 1,
+# mlp_in 2 * ffn/dim = 7 (gate and up). (The MLP's output needs no name: no gradient reads it.) Ordered
+# from least memory (most recompute) to most.
+REMAT_SAVES = {
+    "full": (),
+    "save_qkv_proj": ("qkv_proj",),
+    "save_attn": ("qkv_proj", "attn_out"),
+    "save_dots_except_mlp": ("qkv_proj", "attn_out", "out_proj"),
+    "save_dots": ("qkv_proj", "attn_out", "out_proj", "mlp_in"),
+}
+REMAT_POLICIES = ("none", *REMAT_SAVES)  # "none": no remat, every intermediate is kept
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,12 +79,16 @@ class ModelConfig(Section):
     attention_impl: str = "auto"
     remat_policy: str = "none"
     scan_layers: bool = False
+    # Sequence positions per chunk of the LM head + cross-entropy (model/loss.py); 0 computes the whole
+    # [batch, seq, vocab] f32 logits at once. Chunks bound that buffer to [batch, loss_chunk, vocab].
+    loss_chunk: int = 0
 
     def __post_init__(self):
         def check(cond: bool, msg: str):
             if not cond:
                 raise ConfigError(f"invalid model config: {msg}")
 
+        check(self.loss_chunk >= 0, f"model.loss_chunk={self.loss_chunk} must be >= 0 (0: no chunking).")
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, f"model.{name}={v!r} must be a positive integer.")

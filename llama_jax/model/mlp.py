@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.linear import dense
@@ -24,9 +25,11 @@ class Mlp(nn.Module):
     def __call__(self, x):  # x: [batch, seq, embed]
         cfg = self.config
         act = ACTIVATIONS[cfg.mlp_activation]
-        up = dense(cfg, cfg.ffn_dim, "up_proj")(x)  # [batch, seq, mlp]
+        # Names for the remat policies (config.REMAT_SAVES).
+        up = checkpoint_name(dense(cfg, cfg.ffn_dim, "up_proj")(x), "mlp_in")  # [batch, seq, mlp]
         if cfg.gated_mlp:
-            h = act(dense(cfg, cfg.ffn_dim, "gate_proj")(x)) * up  # [batch, seq, mlp]
+            gate = checkpoint_name(dense(cfg, cfg.ffn_dim, "gate_proj")(x), "mlp_in")  # [batch, seq, mlp]
+            h = act(gate) * up
         else:
             h = act(up)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))

@@ -53,6 +53,19 @@ class KVCache:
         )
 
 
+def head_logits(x, kernel):
+    """x: [batch, seq, embed] @ kernel [embed, vocab] -> [batch, seq, vocab] logits.
+
+    Accumulated and returned in f32 whatever the compute dtype: the loss needs full-precision logits.
+    """
+    return matmul(x, kernel.astype(x.dtype), out_dtype=jnp.float32)
+
+
+def head_kernel(config: ModelConfig, params):
+    """The LM head's [embed, vocab] matrix in `params`: its own, or the embedding's transpose when tied."""
+    return params["embed"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+
+
 class LMHead(nn.Module):
     config: ModelConfig
 
@@ -62,20 +75,21 @@ class LMHead(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.normal(cfg.initializer_range), (cfg.dim, cfg.vocab_size), cfg.storage_dtype
         )
-        # Accumulate and return in f32 whatever the compute dtype: the loss needs full-precision logits.
-        return matmul(x, kernel.astype(x.dtype), out_dtype=jnp.float32)  # [batch, seq, vocab]
+        return head_logits(x, kernel)  # [batch, seq, vocab]
 
 
 class Llama(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, head: bool = True):
         """tokens: [batch, seq] int.
 
         positions: [batch, seq] RoPE positions (default: slot index; packed data passes its own).
         segment_ids: [batch, seq]; tokens attend only within their segment; 0 marks padding.
         cache: a KVCache; this call's tokens fill slots cache.index.. and the call returns (logits, cache).
+        head: False returns the final norm's output [batch, seq, embed] instead of logits, for a loss that
+            applies the head itself (`head_kernel`, `head_logits`; model/loss.py does, in chunks).
         """
         cfg = self.config
         batch, seq = tokens.shape
@@ -121,8 +135,10 @@ class Llama(nn.Module):
             new_kv = None if kv is None else tuple(zip(*per_layer))
 
         x = Norm(cfg, name="final_norm")(x)
+        if not head:
+            return x
         if cfg.tie_embeddings:
-            logits = matmul(x, embed.embedding.astype(x.dtype).T, out_dtype=jnp.float32)  # [batch, seq, vocab]
+            logits = head_logits(x, embed.embedding.T)  # [batch, seq, vocab]
         else:
             logits = LMHead(cfg, name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

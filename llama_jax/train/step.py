@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import checkpoint, sharding
-from llama_jax.model import Llama, ModelConfig, batch_loss_sums
+from llama_jax.model import Llama, ModelConfig, batch_loss_sums, for_platform
 from llama_jax.train import optim
 
 
@@ -83,7 +83,7 @@ def make_train_step(
     this update), tokens (target tokens in the batch), skipped (1 if the update was dropped for a
     non-finite loss/gradient), consecutive_skips.
     """
-    model = Llama(model_config)
+    model = Llama(for_platform(model_config, sharding.mesh_platform(mesh)))
     f32 = jnp.float32
 
     def grads_and_sums(params, batch):

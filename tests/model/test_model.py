@@ -1,6 +1,7 @@
 """Model numerics and invariants: modules against numpy, causality, packing, caching, kernels, layouts."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,17 @@ import numpy as np
 import pytest
 
 from llama_jax.experiment import base_config
-from llama_jax.model import KVCache, Llama, init_params, preset, stack_layers, to_layout, unstack_layers
+from llama_jax.model import (
+    REMAT_POLICIES,
+    KVCache,
+    Llama,
+    for_platform,
+    init_params,
+    preset,
+    stack_layers,
+    to_layout,
+    unstack_layers,
+)
 from llama_jax.model.attention import (
     causal_attention,
     dot_product_attention,
@@ -143,11 +154,16 @@ def test_llama3_scaling_matches_reference_formula():
 
 
 # ---------------------------------------------------------------------- attention kernels
-def test_attention_impl_selection():
+def test_attention_impl_follows_the_compile_target():
+    """Resolved for the platform a program is compiled for: an ahead-of-time TPU compile on a CPU host
+    gets the Mosaic kernel, a CPU run the interpreted one."""
     assert resolve_impl("auto", "tpu") == "splash"
     assert resolve_impl("auto", "gpu") == "dot_product"
     assert resolve_impl("auto", "cpu") == "xla"
     assert resolve_impl("xla", "tpu") == "xla"
+    assert resolve_impl("splash", "tpu") == "splash"
+    assert resolve_impl("splash", "cpu") == "splash_interpret"
+    assert for_platform(TINY.replace(attention_impl="auto"), "tpu").attention_impl == "splash"
 
 
 @pytest.mark.parametrize(("features", "num_contract", "bias"), [(12, 1, False), ((3, 4), 1, True), (6, 2, True)])
@@ -258,7 +274,7 @@ def test_kernels_match_xla_forward_and_backward(impl, packed):
     def ref(q, k, v):
         return xla_attention(q, k, v, make_mask(s, s, ref_seg, ref_seg))
 
-    kernel = {"dot_product": dot_product_attention, "splash": splash_attention}[impl]
+    kernel = {"dot_product": dot_product_attention, "splash": partial(splash_attention, interpret=True)}[impl]
 
     def run(q, k, v):
         return kernel(q, k, v, seg)
@@ -271,7 +287,7 @@ def test_kernels_match_xla_forward_and_backward(impl, packed):
         np.testing.assert_allclose(a, r, atol=2e-4 * float(jnp.abs(r).max()))
 
 
-@pytest.mark.parametrize("impl", ["dot_product", "splash"])
+@pytest.mark.parametrize("impl", ["dot_product", "splash_interpret"])
 def test_model_with_kernel_matches_xla(impl):
     cfg = preset("tiny", max_seq_len=128)
     params = init_params(cfg, jax.random.key(0))
@@ -343,7 +359,7 @@ def test_left_padded_prompt_in_cache_matches_unpadded(tiny_params):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots", "qkv_proj"])
+@pytest.mark.parametrize("remat", REMAT_POLICIES)
 def test_scan_and_remat_give_same_outputs_and_grads(tiny_params, remat):
     p = _randomise(tiny_params)
     tok = _tokens(2, 16)
