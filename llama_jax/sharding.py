@@ -13,7 +13,7 @@ unscanned layout; under `model.scan_layers` the stacked `layers/...` params get 
 [layers] axis automatically. A param that no rule matches is an error, never silently replicated.
 
 Activations are placed by *logical* rules: the model annotates activations with logical names (batch,
-length, embed, heads, kv_heads, mlp, vocab) via `nn.with_logical_constraint`, and `activation_context`
+length, residual_length, embed, heads, kv_heads, mlp, vocab) via `nn.with_logical_constraint`, and `activation_context`
 maps them to mesh axes inside the jitted step. The model never names a mesh axis.
 
 Config (`config.sharding`): `rule_set` names one of RULE_SETS ("dp", "fsdp", "fsdp_tp"); a non-empty
@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -57,6 +58,9 @@ class MeshConfig(Section):
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Multi-slice (several TPU slices joined by the data-center network, DCN): "data" spans the slices,
+    # data / num_slices replicas within each; fsdp and tensor stay inside a slice, on its fast ICI links.
+    num_slices: int = 1
 
     def __post_init__(self):
         sizes = [getattr(self, a) for a in MESH_AXES]
@@ -65,6 +69,8 @@ class MeshConfig(Section):
             raise ShardingError(f"{desc}: at most one mesh axis may be -1 (meaning 'all remaining devices').")
         if any(s == 0 or s < -1 for s in sizes):
             raise ShardingError(f"{desc}: mesh sizes must be positive, or -1 for one axis.")
+        if self.num_slices < 1:
+            raise ShardingError(f"mesh.num_slices={self.num_slices} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +122,31 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     """The ("data", "fsdp", "tensor") mesh over all processes' devices (or `devices`).
 
     `jax.make_mesh` orders the devices to match the TPU interconnect (rings/tori per axis); the last
-    axis ("tensor", the chattiest) gets the closest neighbours. Axis types are Auto: shardings inside
-    the step are chosen by the compiler from the constraints we give, not by explicit-sharding types.
+    axis ("tensor", the chattiest) gets the closest neighbours. With `mesh.num_slices` > 1,
+    `create_hybrid_device_mesh` lays "data" across the slices (DCN) and everything else within one.
+    Axis types are Auto: shardings inside the step are chosen by the compiler from the constraints we
+    give, not by explicit-sharding types.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices != mesh_cfg.num_slices:
+        raise ShardingError(
+            f"mesh.num_slices={mesh_cfg.num_slices} but the {len(devices)} devices are in {slices} slice(s); "
+            f"set --config.mesh.num_slices={slices}."
+        )
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise ShardingError(
+            f"mesh.data={data} does not split over mesh.num_slices={slices}: data parallelism spans the slices, "
+            f"so make mesh.data a multiple of {slices} (e.g. --config.mesh.data={slices} with fsdp*tensor = "
+            f"the chips of one slice)."
+        )
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices=devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def mesh_platform(mesh: Mesh) -> str:
@@ -164,13 +189,15 @@ def _without_axes(rules: Sequence[Rule], drop: set[str]) -> tuple[Rule, ...]:
     return tuple((regex, tuple(strip(e) for e in spec)) for regex, spec in rules)
 
 
-# "embed" is the residual stream between blocks (and the embedding's output): sharding it over tensor too
-# stores each layer's saved input once per tensor group instead of on every tensor-parallel chip (the
-# 4x that sequence parallelism saves in Megatron; MaxText shards activation_embed the same way). XLA
-# all-gathers it before the column-parallel projections and reduce-scatters after the row-parallel ones,
-# where it would otherwise all-reduce.
-_TP_ACTIVATIONS = ("heads", "kv_heads", "mlp", "vocab", "embed")
-_LOGICAL_NAMES = ("batch", "length", *_TP_ACTIVATIONS)
+# "residual_length" is the sequence axis of the residual stream between blocks (and of the embedding's
+# output): sharding it over tensor stores each layer's saved input once per tensor group instead of on
+# every tensor-parallel chip (Megatron's sequence parallelism; 4x less at tensor=4). XLA all-gathers it
+# before the column-parallel projections and reduce-scatters after the row-parallel ones, where it would
+# otherwise all-reduce. (Sharding the embed axis instead gave wrong results: XLA's SPMD partitioner
+# mis-partitions a row-parallel matmul whose weight's output dim is split over fsdp when the output is
+# split over tensor; tests/train/test_train_step.py caught it on a 2x2x2 mesh.)
+_TP_ACTIVATIONS = ("heads", "kv_heads", "mlp", "vocab", "residual_length")
+_LOGICAL_NAMES = ("batch", "length", "embed", *_TP_ACTIVATIONS)
 
 
 def _activation_rules(tensor_parallel: bool) -> tuple[tuple[str, AxisSpec], ...]:

@@ -1,4 +1,4 @@
-"""Test setup: 8 emulated CPU devices (set before jax is imported) and the shared tiny-shakespeare data."""
+"""Test setup: the CPU with 8 emulated devices (set before jax is imported) and the shared tiny-shakespeare data."""
 
 import os
 import pathlib
@@ -8,6 +8,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# With libtpu installed (the `tpu` extra, for the planner tests) jax would otherwise probe for a TPU: the
+# suite runs on the CPU, and compiles for TPU topologies only as ahead-of-time targets (tools/tpu.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest

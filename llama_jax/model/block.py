@@ -11,7 +11,6 @@ from llama_jax.model.mlp import Mlp
 from llama_jax.model.norm import Norm
 
 
-
 class Block(nn.Module):
     """Its call signature is nn.scan's: the residual stream is the carry, a layer's KV buffers the slice."""
 
@@ -26,7 +25,7 @@ class Block(nn.Module):
         """
         cfg = self.config
         kv_cache = None if kv_layer is None else (*kv_layer, *cache_meta)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "residual_length", "embed"))
         h = Norm(cfg, name="attn_norm")(x)
         attn_out, new_kv = Attention(cfg, name="attn")(h, positions, segment_ids, kv_cache)
         if cfg.parallel_block:
@@ -36,7 +35,7 @@ class Block(nn.Module):
             x = x + attn_out
             x = x + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         # The output is the next layer's input, which every remat policy saves: placed like the input.
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_kv
+        return nn.with_logical_constraint(x, ("batch", "residual_length", "embed")), new_kv
 
 
 def block_class(config: ModelConfig):

@@ -63,10 +63,9 @@ def batch_loss_sums(model, params, batch: Mapping[str, jax.Array]) -> dict[str, 
 
     hidden = model.apply({"params": params}, batch["inputs"], **inputs, head=False)  # [batch, seq, embed]
     kernel = head_kernel(model.config, params)  # [embed, vocab]
-    # Whole rows of `embed` on every chip: the head contracts over embed anyway, and with the residual
-    # sharded over tensor ("embed" -> tensor) the scan's gradients came out wrong (XLA SPMD; caught by
-    # tests/model/test_loss_and_remat.py).
-    hidden = nn.with_logical_constraint(hidden, ("batch", "length", None))
+    # Whole sequences on every chip (the residual stream's are split over tensor): each chunk is a slice
+    # of the sequence.
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
 
     @jax.checkpoint  # keep only the chunk's inputs; recompute its logits in the backward pass
     def chunk_sums(h, t, m):

@@ -106,7 +106,7 @@ class Llama(nn.Module):
             name="embed",
         )
         x = embed(tokens)  # [batch, seq, embed]
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "residual_length", "embed"))
 
         cache_meta = kv = None
         if cache is not None:

@@ -1,0 +1,396 @@
+"""Will it fit? Compile an experiment's step for a TPU slice with the TPU compiler, on this (CPU) machine.
+
+    report = plan(experiment, "v5p-128")                 # the train step experiments.train would run
+    print("\\n".join(report.lines())); report.fits
+
+`plan` builds exactly the mesh, shardings and jitted step of `experiments.train` (TrainProgram, or its
+eval step, or the sampler's decode loop) over compile-only devices of the slice (tools/tpu.py), compiles
+it with libtpu, and reports per chip:
+- an analytic ledger from the shardings: params, optimizer state and f32 gradients;
+- the compiler's memory_analysis (arguments, outputs, temporaries, aliases), the peak
+  (arguments + outputs + temporaries - aliases, what must fit) against the chip's HBM, and on failure the
+  compiler's own required vs available bytes and largest allocations, with what to change;
+- compiled matmul FLOPs (tools/hlo.py, loops counted by their trip counts) against the model's;
+- the collectives in the compiled program (kind, count, bytes);
+- the compiler's time estimate and the MFU it implies, only where it can be trusted (see `_estimate`).
+
+`search` finds the largest global batch that fits for each remat policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import sharding
+from llama_jax.errors import ConfigError
+from llama_jax.experiment import Experiment
+from llama_jax.inference.load import param_shardings
+from llama_jax.inference.sampling import _jitted_generate
+from llama_jax.model import REMAT_SAVES, for_platform, param_shapes
+from llama_jax.model.attention import SPLASH_BLOCK_MULTIPLE
+from llama_jax.tools import hlo
+from llama_jax.tools.tpu import TpuSlice, abstract_devices, parse_slice
+from llama_jax.train import TrainProgram
+
+STEPS = ("train", "eval", "decode")
+# Remat policies from the least recompute (most memory) to the most.
+BY_RECOMPUTE = ("none", *reversed(REMAT_SAVES))
+GIB = 1 << 30
+# The batch dict experiments.train feeds (data/packing.py `gather`): every key, whatever the packing.
+BATCH_KEYS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
+              "positions": jnp.int32}
+
+
+@dataclasses.dataclass
+class Report:
+    """One compile's findings, per chip. `memory` is None when the program did not fit."""
+
+    slice: TpuSlice
+    num_slices: int
+    step: str
+    mesh: dict[str, int]
+    batch_size: int
+    seq_len: int
+    remat_policy: str
+    loss_chunk: int
+    ledger: dict[str, int]  # params, opt_state, grads: bytes per chip (the most loaded chip)
+    compile_s: float
+    memory: dict[str, int] | None = None  # argument, output, alias, temp, peak
+    oom: str | None = None  # the compiler's RESOURCE_EXHAUSTED message
+    largest_allocations: list[str] = dataclasses.field(default_factory=list)
+    required_bytes: int | None = None
+    matmul_flops: float = 0.0  # compiled, per chip, per step
+    model_flops: float = 0.0  # the model's matmul FLOPs per chip, per step (6N or 2N per token)
+    attention_in_kernel: bool = False
+    collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    estimate_s: float | None = None
+    estimate_note: str = ""
+    model_flops_with_attention: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory["peak"] if self.memory else (self.required_bytes or 0)
+
+    @property
+    def mfu(self) -> float | None:
+        if not self.estimate_s:
+            return None
+        return self.model_flops_with_attention / (self.estimate_s * self.slice.peak_bf16_flops)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "topology": self.slice.name, "num_slices": self.num_slices, "step": self.step, "mesh": self.mesh,
+            "batch_size": self.batch_size, "seq_len": self.seq_len, "remat_policy": self.remat_policy,
+            "fits": self.fits, "peak_gib": round(self.peak_bytes / GIB, 3),
+            "hbm_gib": round(self.slice.hbm_bytes / GIB, 3),
+            "memory_gib": {k: round(v / GIB, 3) for k, v in (self.memory or {}).items()},
+            "ledger_gib": {k: round(v / GIB, 3) for k, v in self.ledger.items()},
+            "matmul_flops": self.matmul_flops, "model_flops": self.model_flops,
+            "recompute_ratio": round(self.matmul_flops / self.model_flops, 3) if self.model_flops and self.fits
+            else None,
+            "collectives": {k: {"count": c, "bytes": b} for k, (c, b) in self.collectives.items()},
+            "estimate_s": self.estimate_s, "mfu": None if self.mfu is None else round(self.mfu, 4),
+            "compile_s": round(self.compile_s, 1),
+        }
+
+    def lines(self) -> list[str]:
+        s, gib = self.slice, _size
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        out = [
+            f"{s.name} x {self.num_slices} slice(s): {s.chips * self.num_slices} {s.device_kind} chips on "
+            f"{s.hosts * self.num_slices} hosts, {gib(s.hbm_bytes)} HBM per chip",
+            f"{self.step} step: global batch {self.batch_size} x {self.seq_len} tokens, mesh {mesh}, "
+            f"remat {self.remat_policy}; compiled in {self.compile_s:.0f} s",
+            "per chip, from the shardings: " + ", ".join(f"{k} {gib(v)}" for k, v in self.ledger.items()),
+        ]
+        if self.fits:
+            m = self.memory
+            out += [
+                f"per chip, from the compiler: arguments {gib(m['argument'])}, outputs {gib(m['output'])}, "
+                f"aliased {gib(m['alias'])}, temporaries {gib(m['temp'])}; their sum {gib(m['total'])}, "
+                f"the compiler's peak {gib(m['peak'])}" + ("" if m["peak"] != m["total"] else
+                                                             " (this jax reports no peak: the sum, an upper bound)"),
+                f"fits: peak {gib(m['peak'])} of {gib(s.hbm_bytes)} ({m['peak'] / s.hbm_bytes:.0%}), "
+                f"headroom {gib(s.hbm_bytes - m['peak'])}",
+            ]
+        else:
+            out += [f"does not fit: needs {gib(self.required_bytes or 0)}, the chip has {gib(s.hbm_bytes)}",
+                    "largest allocations (size; the values that share it):",
+                    *("  " + line for line in self.largest_allocations),
+                    "to fit: " + "; ".join(_advice(self))]
+            return out
+        kernel = " (attention runs in the splash kernel, whose FLOPs the compiler does not count)"
+        out.append(
+            f"matmul FLOPs per chip: compiled {self.matmul_flops:.3e}, model {self.model_flops:.3e}: "
+            f"{self.matmul_flops / self.model_flops:.2f}x{kernel if self.attention_in_kernel else ''}"
+        )
+        for kind, (count, nbytes) in sorted(self.collectives.items()):
+            out.append(f"  {kind}: {count} per step, {gib(nbytes)}")
+        if self.estimate_s is None:
+            out.append(f"time: no estimate ({self.estimate_note})")
+        else:
+            out.append(f"time: the compiler estimates {self.estimate_s:.3f} s per step ({self.estimate_note}), "
+                       f"which would be {self.mfu:.1%} MFU; an estimate, not a measurement")
+        return out
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _largest_allocations(lowered, n: int = 8) -> list[str]:
+    """The biggest buffers of a program that does not fit, from the compiler's memory-usage report.
+
+    The RESOURCE_EXHAUSTED message gives only the total, so compile again (it fails in seconds) with
+    XLA's dump on and read the report it writes before giving up: "size; values; shapes" per allocation,
+    largest first.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            lowered.compile(compiler_options={"xla_dump_to": d})
+        except Exception:
+            pass
+        reports = list(pathlib.Path(d).glob("*memory-usage-report.txt"))
+        if not reports:
+            return ["(the compiler wrote no memory-usage report)"]
+        rows = []
+        for line in reports[0].read_text().splitlines():
+            parts = [p.strip() for p in line.split(";")]
+            if len(parts) == 5 and parts[1][:1].isdigit():
+                rows.append(f"{parts[1]:>10}  {parts[4][:150]}")
+        return rows[:n]
+
+
+def _advice(report: Report) -> list[str]:
+    tips = []
+    if report.batch_size > 1:
+        tips.append("a smaller global batch (--config.batch_size, or grad_accum_steps; `--search` finds the "
+                    "largest that fits)")
+    if report.remat_policy != "full":
+        less = BY_RECOMPUTE[BY_RECOMPUTE.index(report.remat_policy) + 1 :]
+        tips.append(f"a remat policy that saves less: {', '.join(less)} (--config.model.remat_policy)")
+    if not report.loss_chunk:
+        tips.append("chunk the LM head + loss (--config.model.loss_chunk=512): no f32 [batch, seq, vocab] logits")
+    tips.append("shard more: a larger mesh.fsdp or mesh.tensor, or more chips")
+    return tips
+
+
+def _oom_numbers(message: str) -> int | None:
+    """Bytes required, from "... required for HLO temporaries (159.10G) exceeds available HBM (95.74G)"."""
+    m = re.search(r"\(([\d.]+)([KMGT])\) exceeds available", message)
+    if not m:
+        m = re.search(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm", message)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
+def _ledger(prog: TrainProgram, step: str) -> dict[str, int]:
+    def per_chip(tree) -> int:
+        total = 0
+        for leaf in jax.tree.leaves(tree):
+            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        return total
+
+    params = per_chip(prog.abstract_state.params)
+    if step != "train":
+        return {"params": params}
+    grads = sum(math.prod(a.sharding.shard_shape(a.shape)) * 4 for a in jax.tree.leaves(prog.abstract_state.params))
+    return {"params": params, "opt_state": per_chip(prog.abstract_state.opt_state), "grads (f32)": grads}
+
+
+def _batch(mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    s = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=s) for k, dt in BATCH_KEYS.items()}
+
+
+def _lower(exp: Experiment, devices, step: str, decode_lengths: tuple[int, int]):
+    """(program, lowered step, global batch size) for `step`, as experiments.train / eval / sample build them."""
+    mesh = sharding.make_mesh(exp.mesh, devices)
+    prog = TrainProgram.from_experiment(exp, mesh)
+    if step == "train":
+        return prog, prog.train_step.lower(prog.abstract_state, _batch(mesh, exp.loop.batch_size, exp.loop.seq_len)), \
+            exp.loop.batch_size
+    if step == "eval":
+        b = exp.eval_batch_size
+        return prog, prog.eval_step.lower(prog.abstract_state.params, _batch(mesh, b, exp.loop.seq_len)), b
+    prompt_len, new = decode_lengths
+    b = exp.eval_batch_size
+    model = for_platform(exp.model.replace(max_seq_len=max(exp.model.max_seq_len, prompt_len + new)), "tpu")
+    rules = sharding.resolve_rules(exp.sharding)
+    shardings = param_shardings(model, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), param_shapes(model),
+                          shardings)
+    rep = NamedSharding(mesh, P())
+    arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = _jitted_generate("tpu").lower(
+        params, arg((b, prompt_len), jnp.int32), arg((b,), jnp.int32), arg(key.shape, key.dtype),
+        arg((), jnp.float32), arg((), jnp.float32), arg((), jnp.int32),
+        config=model, max_new_tokens=new, top_k=0,
+    )
+    return prog, lowered, b
+
+
+def _model_flops(exp: Experiment, step: str, batch: int, chips: int, decode_lengths) -> tuple[float, float]:
+    """(matmul-only, with attention) model FLOPs per chip for one step."""
+    m = exp.model
+    if step == "decode":
+        tokens = batch * sum(decode_lengths)
+        return 2 * m.matmul_param_count() * tokens / chips, m.flops_per_token(sum(decode_lengths), training=False) \
+            * tokens / chips
+    tokens = batch * exp.loop.seq_len
+    mult = 6 if step == "train" else 2
+    with_attn = m.flops_per_token(exp.loop.seq_len, training=step == "train") * tokens / chips
+    return mult * m.matmul_param_count() * tokens / chips, with_attn
+
+
+def _estimate(exp: Experiment, devices, step: str) -> tuple[float | None, str]:
+    """The compiler's time estimate for the whole step, or None and why.
+
+    cost_analysis counts a while-loop body once, so the scanned program's estimate covers one layer.
+    Instead: compile the step unrolled at 1 and 2 layers (and with an unchunked loss, which has no loop),
+    and extrapolate linearly to num_layers. Loops left in those programs (XLA's windowed collective
+    matmuls under tensor parallelism, gradient accumulation) would be counted once too, so then there is
+    no estimate rather than a wrong one.
+    """
+    if step != "train":
+        return None, "estimates are made for the train step only"
+    times = []
+    for layers in (1, 2):
+        e = dataclasses.replace(exp, model=exp.model.replace(num_layers=layers, scan_layers=False, loss_chunk=0))
+        try:
+            _, lowered, _ = _lower(e, devices, step, (0, 0))
+            compiled = lowered.compile()
+        except Exception as err:
+            return None, f"the unrolled {layers}-layer compile for the estimate failed: {str(err).splitlines()[0]}"
+        loops = hlo.analyze(compiled.as_text()).loops
+        if loops:
+            return None, (f"the {layers}-layer program still has {len(loops)} loop(s) (e.g. {loops[0].body}) "
+                          "that the compiler's cost model counts once")
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if "optimal_seconds" not in cost:
+            return None, "this compiler gives no time estimate"
+        times.append(float(cost["optimal_seconds"]))
+    per_layer = times[1] - times[0]
+    total = times[0] + (exp.model.num_layers - 1) * per_layer
+    return total, f"from unrolled 1- and 2-layer compiles: {per_layer * 1e3:.1f} ms per layer"
+
+
+def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step: str = "train",
+         estimate: bool = True, decode_lengths: tuple[int, int] = (1024, 1024)) -> Report:
+    """Compile `step` of `exp` for `num_slices` slices of `topology` and report (module docstring)."""
+    if step not in STEPS:
+        raise ConfigError(f"step={step!r} is not one of {STEPS}.")
+    tpu = parse_slice(topology) if isinstance(topology, str) else topology
+    exp = dataclasses.replace(exp, mesh=exp.mesh.replace(num_slices=num_slices))
+    devices = abstract_devices(tpu, num_slices)
+    t0 = time.perf_counter()
+    prog, lowered, batch = _lower(exp, devices, step, decode_lengths)
+    report = Report(
+        slice=tpu, num_slices=num_slices, step=step, mesh=dict(prog.mesh.shape), batch_size=batch,
+        seq_len=sum(decode_lengths) if step == "decode" else exp.loop.seq_len,
+        remat_policy=exp.model.remat_policy, loss_chunk=exp.model.loss_chunk, ledger=_ledger(prog, step), compile_s=0.0,
+    )
+    try:
+        compiled = lowered.compile()
+    except Exception as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        report.compile_s = time.perf_counter() - t0
+        report.oom, report.required_bytes = str(err), _oom_numbers(str(err))
+        report.largest_allocations = _largest_allocations(lowered)
+        return report
+    report.compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    report.memory = {
+        "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
+        "temp": m.temp_size_in_bytes, "total": total,
+        # The compiler's own peak (what it checks against HBM) where this jax reports it (0.12 does, 0.10
+        # does not); otherwise the sum, which is an upper bound: not every buffer is live at once.
+        "peak": getattr(m, "peak_memory_in_bytes", None) or total,
+    }
+    summary = hlo.analyze(compiled.as_text())
+    report.matmul_flops = summary.matmul_flops
+    report.model_flops, report.model_flops_with_attention = _model_flops(
+        exp, step, batch, len(devices), decode_lengths)
+    report.attention_in_kernel = (for_platform(exp.model, "tpu").attention_impl == "splash" and step != "decode"
+                                  and exp.loop.seq_len % SPLASH_BLOCK_MULTIPLE == 0)
+    report.collectives = {k: (c.count, c.bytes) for k, c in summary.collectives.items() if c.count}
+    if estimate:
+        report.estimate_s, report.estimate_note = _estimate(exp, devices, step)
+    return report
+
+
+def _largest_batch(exp: Experiment, tpu: TpuSlice, num_slices: int, unit: int, max_compiles: int):
+    """(largest fitting multiple k of `unit`, {k: Report}, exact) for `exp` as it is (its remat policy).
+
+    Peak memory is close to linear in the batch (a failing compile still reports what it needs): compiles
+    at 1 and 2 units start a secant search for the batch whose peak meets the HBM, kept inside the bracket
+    of known fitting / failing batches (bisection or doubling when it strays). `exact`: the bracket closed
+    (k fits, k + 1 does not) within `max_compiles`.
+    """
+    seen: dict[int, Report] = {}
+
+    def fits(k: int) -> bool:
+        if k not in seen:
+            e = dataclasses.replace(exp, loop=exp.loop.replace(batch_size=k * unit))
+            seen[k] = plan(e, tpu, num_slices=num_slices, estimate=False)
+        return seen[k].fits
+
+    def bracket():
+        lo = max((k for k, r in seen.items() if r.fits), default=0)
+        hi = min((k for k, r in seen.items() if not r.fits), default=None)
+        return lo, hi
+
+    order = [1, 2]  # compiles in the order made: the secant runs through the last two
+    fits(1)
+    fits(2)
+    while len(seen) < max_compiles:
+        lo, hi = bracket()
+        if hi is not None and hi - lo <= 1:
+            break
+        (ka, pa), (kb, pb) = ((k, seen[k].peak_bytes) for k in order[-2:])
+        guess = kb + int((tpu.hbm_bytes - pb) * (kb - ka) / (pb - pa)) if pa and pb and pb != pa else 0
+        if guess in seen or guess <= lo or (hi is not None and guess >= hi):
+            guess = 2 * lo if hi is None else (lo + hi) // 2
+        order.append(guess)
+        fits(guess)
+    lo, hi = bracket()
+    return lo, seen, hi is not None and hi - lo <= 1
+
+
+def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, policies=BY_RECOMPUTE,
+           max_compiles: int = 10) -> dict[str, tuple[int, Report | None, bool]]:
+    """For each remat policy: (the largest global batch that fits, its report, whether the search closed
+    its bracket), (0, None, True) if not even one sequence per batch shard fits.
+
+    Batches are multiples of the mesh's data*fsdp (one sequence per batch shard, times grad_accum_steps);
+    see `_largest_batch` for the compiles it takes (at most `max_compiles` per policy).
+    """
+    tpu = parse_slice(topology) if isinstance(topology, str) else topology
+    mesh = sharding.make_mesh(exp.mesh.replace(num_slices=num_slices), abstract_devices(tpu, num_slices))
+    unit = sharding.batch_shards(mesh) * exp.loop.grad_accum_steps
+    out = {}
+    for policy in policies:
+        e = dataclasses.replace(exp, model=exp.model.replace(remat_policy=policy))
+        k, seen, exact = _largest_batch(e, tpu, num_slices, unit, max_compiles)
+        out[policy] = (k * unit, seen.get(k), exact)
+    return out
