@@ -25,6 +25,7 @@ import pathlib
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -339,40 +340,35 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
     return report
 
 
-def _largest_batch(exp: Experiment, tpu: TpuSlice, num_slices: int, unit: int, max_compiles: int):
-    """(largest fitting multiple k of `unit`, {k: Report}, exact) for `exp` as it is (its remat policy).
+def largest_fitting(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_compiles: int):
+    """(largest k that fits, {k: (fits, peak bytes)}, exact) for a compile `measure(k)` at k batch units.
 
     Peak memory is close to linear in the batch (a failing compile still reports what it needs): compiles
     at 1 and 2 units start a secant search for the batch whose peak meets the HBM, kept inside the bracket
     of known fitting / failing batches (bisection or doubling when it strays). `exact`: the bracket closed
-    (k fits, k + 1 does not) within `max_compiles`.
+    (k fits, k + 1 does not) within `max_compiles`. benchmarks/tpu_plan.py runs MaxText's compiles through
+    the same search.
     """
-    seen: dict[int, Report] = {}
-
-    def fits(k: int) -> bool:
-        if k not in seen:
-            e = dataclasses.replace(exp, loop=exp.loop.replace(batch_size=k * unit))
-            seen[k] = plan(e, tpu, num_slices=num_slices, estimate=False)
-        return seen[k].fits
+    seen: dict[int, tuple[bool, int]] = {}
 
     def bracket():
-        lo = max((k for k, r in seen.items() if r.fits), default=0)
-        hi = min((k for k, r in seen.items() if not r.fits), default=None)
+        lo = max((k for k, (ok, _) in seen.items() if ok), default=0)
+        hi = min((k for k, (ok, _) in seen.items() if not ok), default=None)
         return lo, hi
 
     order = [1, 2]  # compiles in the order made: the secant runs through the last two
-    fits(1)
-    fits(2)
+    for k in order:
+        seen[k] = measure(k)
     while len(seen) < max_compiles:
         lo, hi = bracket()
         if hi is not None and hi - lo <= 1:
             break
-        (ka, pa), (kb, pb) = ((k, seen[k].peak_bytes) for k in order[-2:])
-        guess = kb + int((tpu.hbm_bytes - pb) * (kb - ka) / (pb - pa)) if pa and pb and pb != pa else 0
+        (ka, pa), (kb, pb) = ((k, seen[k][1]) for k in order[-2:])
+        guess = kb + int((hbm_bytes - pb) * (kb - ka) / (pb - pa)) if pa and pb and pb != pa else 0
         if guess in seen or guess <= lo or (hi is not None and guess >= hi):
             guess = 2 * lo if hi is None else (lo + hi) // 2
         order.append(guess)
-        fits(guess)
+        seen[guess] = measure(guess)
     lo, hi = bracket()
     return lo, seen, hi is not None and hi - lo <= 1
 
@@ -383,14 +379,21 @@ def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, po
     its bracket), (0, None, True) if not even one sequence per batch shard fits.
 
     Batches are multiples of the mesh's data*fsdp (one sequence per batch shard, times grad_accum_steps);
-    see `_largest_batch` for the compiles it takes (at most `max_compiles` per policy).
+    see `largest_fitting` for the compiles it takes (at most `max_compiles` per policy).
     """
     tpu = parse_slice(topology) if isinstance(topology, str) else topology
     mesh = sharding.make_mesh(exp.mesh.replace(num_slices=num_slices), abstract_devices(tpu, num_slices))
     unit = sharding.batch_shards(mesh) * exp.loop.grad_accum_steps
     out = {}
     for policy in policies:
-        e = dataclasses.replace(exp, model=exp.model.replace(remat_policy=policy))
-        k, seen, exact = _largest_batch(e, tpu, num_slices, unit, max_compiles)
-        out[policy] = (k * unit, seen.get(k), exact)
+        reports: dict[int, Report] = {}
+
+        def measure(k: int, policy=policy, reports=reports) -> tuple[bool, int]:
+            e = dataclasses.replace(exp, model=exp.model.replace(remat_policy=policy),
+                                    loop=exp.loop.replace(batch_size=k * unit))
+            reports[k] = plan(e, tpu, num_slices=num_slices, estimate=False)
+            return reports[k].fits, reports[k].peak_bytes
+
+        k, _, exact = largest_fitting(measure, tpu.hbm_bytes, max_compiles)
+        out[policy] = (k * unit, reports.get(k), exact)
     return out

@@ -112,6 +112,7 @@ def test_multi_slice_mesh_puts_data_across_slices():
     assert report.fits and report.mesh == {"data": 2, "fsdp": 8, "tensor": 1}
 
 
+@pytest.mark.slow
 def test_search_finds_the_largest_fitting_batch():
     exp = _exp(batch=8, seq=512, vocab_size=32768, remat_policy="full", dtype="bfloat16")
     found = planner.search(exp, "v5litepod-8", policies=("full",))
