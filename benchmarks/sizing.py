@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 
-from llama_jax.experiment import Experiment, base_config
+from llama_jax.experiment import Experiment, base_config, config_from_file
 from llama_jax.tools import planner
-from tests.helpers import load_config
 
-# (label, experiment config, topology)
 GIB = planner.GIB
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str):
+    return config_from_file(CONFIGS / f"{name}.py")
 
 
 def _preset(name, *, batch, seq, mesh, remat="full", chunk=512, **model):
@@ -30,6 +34,7 @@ def _preset(name, *, batch, seq, mesh, remat="full", chunk=512, **model):
 
 
 def rows():
+    """(label, experiment config, topology) per table row."""
     return [
         ("configs/llama3_8b_c4_tpu.py", load_config("llama3_8b_c4_tpu"), "v5p-128"),
         ("configs/llama2_7b_c4_tpu.py", load_config("llama2_7b_c4_tpu"), "v4-64"),

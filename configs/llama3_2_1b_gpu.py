@@ -3,7 +3,7 @@
 Fine-tune an imported checkpoint:
     python -m experiments.convert_hf --hf_dir=/models/Llama-3.2-1B --workdir=/runs/llama1b_hf
     python -m experiments.train --config=configs/llama3_2_1b_gpu.py --workdir=/runs/llama1b_ft \
-        --config.init_from=/runs/llama1b_hf --config.data.tokenizer=/runs/llama1b_hf/tokenizer
+        --config.init_from=/runs/llama1b_hf     # model config and tokenizer come from there
 """
 
 from llama_jax.experiment import base_config

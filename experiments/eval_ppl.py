@@ -9,6 +9,8 @@
     python -m experiments.eval_ppl --workdir=DIR --config.data.tfds_name=wiki40b/en \
         --config.data.eval_split=test --config.data.text_key=text --config.data.data_dir=TFDS_DIR
     python -m experiments.eval_ppl --workdir=DIR --text_file=book.txt --seq_len=2048 --stride=512
+    # an SFT fine-tune: loss on held-out responses (response_loss, ...) and greedy exact match on 200 records
+    python -m experiments.eval_ppl --workdir=DIR --config.data.exact_match_records=200
 
 Prints a final JSON line {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}
 (strict JSON: a non-finite value is null and listed under "nonfinite", and the exit status is then 1);
@@ -74,9 +76,12 @@ def main(argv):
         mesh=cli.mesh(default_data=-1),  # data parallel over every device unless asked
     )
     if distributed.is_main_process():
+        scored = " (responses only)" if "response_loss" in result else ""
+        exact = (f", exact match {result['exact_match']:.3f} of {result['exact_match_records']:.0f} records"
+                 if "exact_match" in result else "")
         print(
-            f"{result['data']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits/byte "
-            f"{result['bits_per_byte']:.4f} ({result['tokens']} tokens, {result['bytes']} bytes)",
+            f"{result['data']}: loss{scored} {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, bits/byte "
+            f"{result['bits_per_byte']:.4f} ({result['tokens']} tokens, {result['bytes']} bytes){exact}",
             file=sys.stderr,
         )
         print(json_line(result), flush=True)

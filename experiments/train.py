@@ -1,6 +1,9 @@
 """Train a model: python -m experiments.train --config=configs/shakespeare.py --workdir=DIR [--config.X=Y].
 
-Re-running the same command resumes from DIR's newest complete checkpoint.
+Re-running the same command resumes from DIR's newest complete checkpoint. Fine-tune an imported or
+trained workdir (its model config and tokenizer are used; the config file's model section is not):
+
+    python -m experiments.train --config=configs/tiny.py --workdir=/tmp/ft --config.init_from=/runs/llama1b_hf
 """
 
 from absl import flags
@@ -16,7 +19,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 
 def main(argv):
     cli.quiet_logs()
-    print(summarize(train(Experiment.from_config(_CONFIG.value), _WORKDIR.value)))
+    # The --config.X flags are what the user asked for; with init_from, other model fields come from the
+    # source workdir (llama_jax/train/init_from.py).
+    explicit = flags.FLAGS["config"].override_values
+    print(summarize(train(Experiment.from_config(_CONFIG.value), _WORKDIR.value, explicit=explicit)))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llama_jax.data.config import DataConfig
 from llama_jax.errors import CheckpointError, ConfigMismatchError
+from llama_jax.lora.config import LoraConfig
 from llama_jax.model import ModelConfig, stack_layers, unstack_layers
+from llama_jax.sharding import MeshConfig, ShardingConfig
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -158,6 +161,7 @@ def restore_params(workdir, abstract_params, step: int | None = None):
             target = _relayout_abstract(abstract_params, scanned="layers" in stored)
         if stored is not None:
             check_shapes(target, stored, where=f"{workdir} step {step}")
+            target = _as_stored_dtypes(target, stored)
         args = {"params": ocp.args.StandardRestore(target)}
         if _has_item(items, "checksums"):
             args["checksums"] = ocp.args.JsonRestore()
@@ -170,11 +174,27 @@ def restore_params(workdir, abstract_params, step: int | None = None):
     params = restored["params"]
     verify(params, (restored.get("checksums") or {}).get("params"), where=f"{workdir}/{CHECKPOINT_DIR}/{step}",
            advice=advice)
-    if target is not abstract_params:
+    if target is not abstract_params:  # another layout and/or dtype; each relayout is the identity on its own
         relayout = stack_layers if "layers" in abstract_params else unstack_layers
         shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract_params)
-        params = jax.jit(relayout, out_shardings=shardings)(params)
+        dtypes = jax.tree.map(lambda a: a.dtype, abstract_params)
+        params = jax.jit(lambda p: jax.tree.map(lambda x, d: x.astype(d), relayout(p), dtypes),
+                         out_shardings=shardings)(params)
     return params
+
+
+def _as_stored_dtypes(target, stored):
+    """`target` with each leaf in the dtype it was saved in (itself when all match): restoring in another
+    dtype would cast before `verify`, whose checksums are of the saved bits (a f32 base restored as bf16
+    read as "damaged"). restore_params casts after verifying."""
+    saved = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(stored)
+             if hasattr(v, "dtype")}
+    flat = jax.tree_util.tree_leaves_with_path(target)
+    if all(saved.get(jax.tree_util.keystr(k), a.dtype) == a.dtype for k, a in flat):
+        return target
+    return jax.tree_util.tree_map_with_path(
+        lambda k, a: jax.ShapeDtypeStruct(a.shape, saved.get(jax.tree_util.keystr(k), a.dtype),
+                                          sharding=getattr(a, "sharding", None)), target)
 
 
 def _relayout_abstract(abstract, *, scanned: bool):
@@ -335,10 +355,18 @@ def _normalise(v):
     return [_normalise(x) for x in v] if isinstance(v, list | tuple) else v
 
 
-def _resolved_model(config: dict) -> dict:
-    """config.json with its model section's derived sizes resolved: a head_dim written out by an older
-    version equals the 0 (derive) a new config writes."""
-    return {**config, "model": dataclasses.asdict(ModelConfig.from_dict(config["model"]))}
+# Sections compared field by field after filling in defaults (the optimizer and loop fields are compared
+# as written; importing their classes here would be circular).
+_RESOLVED_SECTIONS = {"model": ModelConfig, "data": DataConfig, "mesh": MeshConfig, "sharding": ShardingConfig,
+                      "lora": LoraConfig}
+
+
+def _resolved(config: dict) -> dict:
+    """config.json with those sections' defaults and derived sizes filled in: a field added since the
+    workdir was written (absent from its config.json) equals its default, and a head_dim written out by an
+    older version equals the 0 (derive) a new config writes."""
+    return {**config, **{name: dataclasses.asdict(kind.from_dict(config.get(name)))
+                         for name, kind in _RESOLVED_SECTIONS.items()}}
 
 
 def check_resume_config(workdir, new: dict) -> None:
@@ -351,7 +379,7 @@ def check_resume_config(workdir, new: dict) -> None:
             f"--config.init_from={workdir} and a new --workdir."
         )
     diff = [
-        line for line in config_diff(_resolved_model(old), _resolved_model(new))
+        line for line in config_diff(_resolved(old), _resolved(new))
         if line.split(":")[0] not in RUN_CONTROL_FIELDS
     ]
     if diff and not new["allow_config_change"]:

@@ -11,6 +11,7 @@ Sections and the module that owns (and is the only reader of) each:
   config.optimizer   OptimizerConfig llama_jax/train/optim.py
   config.mesh        MeshConfig     llama_jax/sharding.py
   config.sharding    ShardingConfig llama_jax/sharding.py
+  config.lora        LoraConfig     llama_jax/lora/config.py     rank 0 = off
   config.<top level> LoopConfig     llama_jax/train/loop.py      seed, num_steps, batch_size, seq_len, ...
 
 Each field's default is written once, in its section's dataclass; `base_config` derives the ConfigDict
@@ -20,6 +21,8 @@ from them, so a default cannot drift between the file and the code.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +30,7 @@ import ml_collections
 
 from llama_jax.data import DataConfig
 from llama_jax.errors import ConfigError
+from llama_jax.lora import LoraConfig
 from llama_jax.model import ModelConfig, preset
 from llama_jax.sharding import MeshConfig, ShardingConfig
 from llama_jax.train.loop import LoopConfig
@@ -38,6 +42,7 @@ SECTIONS = {
     "optimizer": OptimizerConfig,
     "mesh": MeshConfig,
     "sharding": ShardingConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -48,6 +53,7 @@ class Experiment:
     optimizer: OptimizerConfig
     mesh: MeshConfig
     sharding: ShardingConfig
+    lora: LoraConfig
     loop: LoopConfig
 
     def __post_init__(self):
@@ -55,6 +61,12 @@ class Experiment:
             raise ConfigError(
                 f"seq_len={self.loop.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; lower "
                 "--config.seq_len or raise --config.model.max_seq_len."
+            )
+        if self.lora.enabled and not self.loop.init_from:
+            raise ConfigError(
+                f"lora.rank={self.lora.rank} trains adapters on a frozen base model, but init_from is unset: "
+                "pass --config.init_from=BASE_WORKDIR (a workdir written by experiments.train or "
+                "experiments.convert_hf)."
             )
         if self.loop.batch_size % self.loop.grad_accum_steps:
             raise ConfigError(
@@ -93,3 +105,12 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
         c[name] = ml_collections.ConfigDict(kind().to_dict() if name != "model" else
                                             preset(model_preset, **model_overrides).to_dict())
     return c
+
+
+def config_from_file(path) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (configs/*.py), as `--config=PATH` loads it; a fresh ConfigDict each call."""
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+

@@ -4,13 +4,12 @@ Import it after XLA_FLAGS is set (conftest.py does): it imports jax."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 
-from llama_jax.experiment import Experiment
+from llama_jax.experiment import Experiment, config_from_file
 from llama_jax.train import TrainProgram, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -19,10 +18,7 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 def load_config(name: str):
     """`configs/<name>.py`'s get_config() (a fresh ConfigDict each call)."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_from_file(REPO / "configs" / f"{name}.py")
 
 
 def run_module(*args: str, timeout: int = 600, env: dict | None = None, check: bool = False):

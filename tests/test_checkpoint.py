@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from llama_jax import checkpoint, errors, sharding
+from llama_jax.experiment import Experiment, base_config
 from llama_jax.model import init_params, param_shapes, preset, stack_layers, to_layout
 
 CFG = preset("tiny", num_heads=8, num_kv_heads=4, dim=128)
@@ -100,3 +101,16 @@ def test_flipped_bits_in_a_params_file_are_caught_naming_the_array(tmp_path):
             assert re.search(r"checkpoints/2 is damaged: 1 array\(s\) differ from the checksums written with it "
                              r"\(\['\w+'\]", str(e.value)), str(e.value)
     assert outcomes.count("damaged") >= 3, outcomes  # flips that decode fine are common; checksums catch them
+
+
+def test_a_workdir_written_before_a_field_existed_still_resumes(tmp_path):
+    """config.json from an older version lacks fields added since (model.loss_chunk, mesh.num_slices,
+    data.format): they equal their defaults, so resuming is not refused; changing one still is."""
+    new = Experiment.from_config(base_config("tiny")).to_dict()
+    old = {**new, "model": dict(new["model"]), "mesh": dict(new["mesh"]), "data": dict(new["data"])}
+    del old["model"]["loss_chunk"], old["mesh"]["num_slices"], old["data"]["format"]
+    checkpoint.write_config(tmp_path, old)
+    checkpoint.check_resume_config(tmp_path, new)
+    changed = {**new, "model": {**new["model"], "loss_chunk": 64}}
+    with pytest.raises(errors.ConfigMismatchError, match="model.loss_chunk: 0 -> 64"):
+        checkpoint.check_resume_config(tmp_path, changed)

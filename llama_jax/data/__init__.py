@@ -11,6 +11,16 @@ Sources (section `config.data`, llama_jax/data/config.py)
     file; read into memory. Held-out data for local files is whatever `eval_files` names; the same file in
     both is an error.
 
+Supervised fine-tuning (`format="sft"`, llama_jax/data/sft.py and chat.py)
+  `train_files` / `eval_files` are .jsonl records: {"prompt", "completion"} (loss on the completion and EOS)
+  or {"messages": [{"role", "content"}, ...]} rendered with the model's chat template as HF renders it (loss
+  on each assistant turn's content and end-of-turn token); `loss_on="all"` trains every token (ablation),
+  `chat_template` picks a template when the tokenizer has none. Assistant spans are located by rendering
+  prefixes of the conversation, and a template that does not allow that is refused, never guessed. Packed
+  only: each record is one segment; a record over seq_len + 1 tokens is truncated (counted, logged), one
+  with no trained token left is dropped (counted). `TokenStream.trained` carries the mask into the batch's
+  loss_mask (train) and the scored targets (eval). experiments/inspect_data.py prints rows token by token.
+
 Token stream and windows
   Documents are tokenized into one array per *window*: `[BOS] ids [EOS]` per document (`add_bos` /
   `add_eos`), documents in split order. By default (`window_docs=0`) the whole split is one window,
@@ -58,18 +68,30 @@ Held-out eval (`EvalData.batches`, eval_data.py): the eval split's rows in order
   tokenizer, eval bytes == the split's UTF-8 size exactly.
 
 Modules, in pipeline order: config (DataConfig), sources (documents), tokenizer, tokens (token streams and
-their cache), packing (rows, sliding eval windows, batch gathering, per-process rows), train_data,
-eval_data. Host-side numpy only: nothing here imports the model.
+their cache), chat (chat templates, assistant spans), sft (records -> token stream with loss mask), packing
+(rows, sliding eval windows, batch gathering, per-process rows), train_data, eval_data; display (rows as
+text). Host-side numpy only: nothing here imports the model.
 """
 
-from llama_jax.data.config import PACKING_MODES, DataConfig
+from llama_jax.data.chat import (
+    TEMPLATES,
+    ChatTemplate,
+    assistant_spans,
+    end_of_turn,
+    load_template,
+    save_tokenizer,
+)
+from llama_jax.data.config import FORMATS, LOSS_ON, PACKING_MODES, DataConfig
+from llama_jax.data.display import format_row, summary
 from llama_jax.data.eval_data import EvalData, eval_windows, text_file_documents
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, window_layout
+from llama_jax.data.sft import Formatter, Stats, check_record, tokenize_records
 from llama_jax.data.sources import (
     Documents,
     check_no_leak,
     documents_for_role,
     file_documents,
+    record_documents,
     tfds_builder,
     tfds_documents,
 )
@@ -87,31 +109,46 @@ from llama_jax.data.tokens import TokenStream, tokenize
 from llama_jax.data.train_data import DataIterator, TrainData
 
 __all__ = [
+    "FORMATS",
+    "LOSS_ON",
     "PACKING_MODES",
+    "TEMPLATES",
     "ByteTokenizer",
+    "ChatTemplate",
     "DataConfig",
     "DataIterator",
     "Documents",
     "EvalData",
+    "Formatter",
     "HFTokenizer",
     "Rows",
     "SentencePieceTokenizer",
+    "Stats",
     "TokenStream",
     "Tokenizer",
     "TrainData",
+    "assistant_spans",
     "build_rows",
     "check_no_leak",
+    "check_record",
     "check_vocab",
     "documents_for_role",
+    "end_of_turn",
     "eval_windows",
     "file_documents",
+    "format_row",
     "gather",
+    "load_template",
     "load_tokenizer",
     "local_rows",
+    "record_documents",
+    "save_tokenizer",
+    "summary",
     "text_file_documents",
     "tfds_builder",
     "tfds_documents",
     "tokenize",
+    "tokenize_records",
     "train_sentencepiece",
     "training_tokenizer",
     "window_layout",

@@ -1,6 +1,9 @@
 """Held-out data: every target scored once, in order, with exact token and UTF-8 byte totals for loss per
 token and bits per byte (llama_jax/data/__init__, "Held-out eval").
 
+SFT records (data.format="sft") score only their trained targets (llama_jax/data/sft.py); bytes are those of
+the scored tokens' text.
+
 Rows are build_rows' (non-overlapping windows) or, with a stride, `window_layout`'s sliding windows, in
 which each target is predicted from at least seq_len - stride + 1 tokens of context. The scored set and the
 token and byte totals are the same either way; only the context differs. Windows never cross a span: the
@@ -14,6 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from llama_jax.data import sft
 from llama_jax.data.config import DataConfig
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of, window_layout
 from llama_jax.data.sources import Documents, check_no_leak, documents_for_role, no_text
@@ -46,8 +50,21 @@ class EvalData:
         self.scored = is_target.copy()
         if stream.add_bos:
             self.scored[ds[:-1]] = False
-        # Bytes of each document sit on its last token.
         self.weights = np.zeros(n, np.int64)
+        if stream.trained is not None:
+            # SFT records: only trained targets are scored, and a record's bytes (those of its trained tokens'
+            # text, sft.tokenize_records) sit on its last scored token.
+            self.scored &= stream.trained
+            idx = np.flatnonzero(self.scored)
+            last = np.searchsorted(idx, ds[1:]) - 1  # per record: its last scored token, as an index into idx
+            has = np.zeros(len(ds) - 1, bool)
+            if len(idx):
+                has = (last >= 0) & (idx[np.maximum(last, 0)] >= ds[:-1])
+            np.add.at(self.weights, idx[last[has]], stream.doc_bytes[has])
+            self.num_tokens = int(self.scored.sum())
+            self.num_bytes = int(self.weights[self.scored].sum())
+            return
+        # Bytes of each document sit on its last token.
         nonempty = np.flatnonzero(np.diff(ds) > 0)
         np.add.at(self.weights, ds[nonempty + 1] - 1, stream.doc_bytes[nonempty])
         if not stream.add_bos:
@@ -66,7 +83,12 @@ class EvalData:
         """The held-out split (or files) `data` names, checked not to overlap the training data."""
         check_no_leak(data)
         docs = documents_for_role(data, "eval")
-        stream = tokenize(docs, tokenizer, add_bos=data.add_bos, add_eos=data.add_eos, cache_dir=data.cache_dir)
+        if data.format == "sft":
+            formatter = sft.Formatter.from_config(data, tokenizer)
+            stream, _ = sft.tokenize_records(docs, formatter, seq_len=seq_len)
+        else:
+            stream = tokenize(docs, tokenizer, add_bos=data.add_bos, add_eos=data.add_eos,
+                              cache_dir=data.cache_dir)
         if int(stream.doc_bytes.sum()) == 0:
             raise no_text(docs)
         return cls(stream, build_rows(stream, seq_len, data.packing), tokenizer, batch_size=batch_size)
@@ -101,7 +123,10 @@ def eval_windows(
     sliding windows spanning the whole stream (concat; attention crosses documents, as in concat training)
     or one document each (packed)."""
     options = options or DataConfig()
-    stream = tokenize(docs, tokenizer, add_bos=options.add_bos, add_eos=options.add_eos)
+    if options.format == "sft":
+        stream, _ = sft.tokenize_records(docs, sft.Formatter.from_config(options, tokenizer), seq_len=seq_len)
+    else:
+        stream = tokenize(docs, tokenizer, add_bos=options.add_bos, add_eos=options.add_eos)
     if stride:
         ds = stream.doc_starts
         if options.packing == "packed":

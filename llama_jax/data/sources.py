@@ -19,12 +19,13 @@ from llama_jax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Documents:
-    """The documents of one split: `read(lo, hi)` yields texts lo..hi-1; a name for messages; a cache key."""
+    """The documents of one split: `read(lo, hi)` yields texts lo..hi-1 (SFT: ("path:line", record) pairs);
+    a name for messages; a cache key."""
 
     name: str
     key: str
     num_docs: int
-    read: Callable[[int, int], Iterator[str]]
+    read: Callable[[int, int], Iterator]
 
     def __len__(self) -> int:
         return self.num_docs
@@ -139,7 +140,7 @@ def _expand_files(patterns: str, what: str) -> list[str]:
 
 
 # JSON's names for the Python types json.loads returns, for messages about a field of the wrong type.
-_JSON_TYPES = {
+JSON_TYPES = {
     type(None): "null",
     bool: "a boolean",
     int: "a number",
@@ -165,8 +166,9 @@ def _read_text(path: str, what: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _jsonl_texts(path: str, text_key: str, what: str) -> Iterator[str]:
-    """The `text_key` string of every non-blank line; any bad line is a DataError at path:line."""
+def _jsonl_objects(path: str, what: str, expect: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a line that is not a JSON object is a DataError at
+    path:line (`expect` says what the object should hold)."""
     for lineno, line in enumerate(_read_text(path, what).split("\n"), 1):
         if not line.strip():
             continue
@@ -179,9 +181,15 @@ def _jsonl_texts(path: str, text_key: str, what: str) -> Iterator[str]:
             ) from e
         if not isinstance(record, dict):
             raise DataError(
-                f"{path}:{lineno}: is {_JSON_TYPES[type(record)]}, not a JSON object; each line of a .jsonl "
-                f"file must be one object with a {text_key!r} field."
+                f"{path}:{lineno}: is {JSON_TYPES[type(record)]}, not a JSON object; each line of a .jsonl "
+                f"file must be one object with {expect}."
             )
+        yield lineno, record
+
+
+def _jsonl_texts(path: str, text_key: str, what: str) -> Iterator[str]:
+    """The `text_key` string of every non-blank line; any bad line is a DataError at path:line."""
+    for lineno, record in _jsonl_objects(path, what, f"a {text_key!r} field"):
         if text_key not in record:
             raise DataError(
                 f"{path}:{lineno} has no field {text_key!r}; its fields are "
@@ -191,7 +199,7 @@ def _jsonl_texts(path: str, text_key: str, what: str) -> Iterator[str]:
         if not isinstance(text, str):
             # A number or null would otherwise fail (or be silently str()-ed) deep in the tokenizer.
             raise DataError(
-                f"{path}:{lineno}: field {text_key!r} is {_JSON_TYPES[type(text)]}, not a string; "
+                f"{path}:{lineno}: field {text_key!r} is {JSON_TYPES[type(text)]}, not a string; "
                 "fix that record, or set --config.data.text_key to the field holding the text."
             )
         yield text
@@ -213,8 +221,28 @@ def file_documents(patterns: str, *, text_key: str = "text", what: str = "data f
     )
 
 
+def record_documents(patterns: str, *, what: str = "data files") -> Documents:
+    """SFT records of local .jsonl files (read into memory): `read` yields ("path:line", object) pairs, which
+    llama_jax.data.sft checks and formats (data.format="sft")."""
+    paths = _expand_files(patterns, what)
+    records: list[tuple[str, dict]] = []
+    for path in paths:
+        if not path.endswith(".jsonl"):
+            raise DataError(
+                f"{path}: with data.format='sft', {what} must be .jsonl files of records (one JSON object "
+                'a line: {"prompt": ..., "completion": ...} or {"messages": [...]}).'
+            )
+        expect = '"messages", or "prompt" and "completion"'
+        records += [(f"{path}:{n}", r) for n, r in _jsonl_objects(path, what, expect)]
+    stats = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+    return Documents(
+        f"files {patterns!r}", f"sft-files:{stats}", len(records), lambda lo, hi: iter(records[lo:hi])
+    )
+
+
 def documents_for_role(data_cfg: DataConfig, role: str) -> Documents:
-    """The training ("train") or held-out ("eval") documents `config.data` names."""
+    """The training ("train") or held-out ("eval") documents `config.data` names (with data.format="sft",
+    ("path:line", record) pairs; see record_documents)."""
     if role not in ("train", "eval"):
         raise ValueError(role)
     if data_cfg.train_files:
@@ -224,6 +252,8 @@ def documents_for_role(data_cfg: DataConfig, role: str) -> Documents:
                 "with --config.data.train_files, held-out data must be named too: set "
                 "--config.data.eval_files (files not among the training files)."
             )
+        if data_cfg.format == "sft":
+            return record_documents(files, what=f"data.{role}_files")
         return file_documents(files, text_key=data_cfg.text_key, what=f"data.{role}_files")
     return tfds_documents(
         data_cfg.tfds_name,

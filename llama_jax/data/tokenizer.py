@@ -21,6 +21,7 @@ vectorised for bytes).
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import io
 import json
@@ -83,6 +84,40 @@ class Tokenizer(abc.ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [a.tolist() for a in self.encode_arrays(texts)]
 
+    def special_tokens(self) -> dict[str, int]:
+        """Strings that stand for one special token each in text a chat template writes ("<|im_end|>",
+        "<s>"), by string; `encode_chat` encodes them as those tokens. The byte tokenizer has none."""
+        return {}
+
+    def special_token_strings(self) -> dict[str, str]:
+        """bos_token / eos_token / pad_token as strings, the variables a chat template reads (as HF passes its
+        special_tokens_map); only those the tokenizer has."""
+        names = {i: s for s, i in self.special_tokens().items()}
+        out = {}
+        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if i is not None and i in names:
+                out[key] = names[i]
+        return out
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of text a chat template rendered: each `special_tokens()` string in it is that token (as HF's
+        apply_chat_template(tokenize=True) encodes control tokens), the text between is `encode`d."""
+        table = self.special_tokens()
+        if not table:
+            return self.encode(text)
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(table, key=len, reverse=True)))
+        ids, pos = [], 0
+        for m in pattern.finditer(text):
+            ids += self.encode(text[pos : m.start()]) if m.start() > pos else []
+            ids.append(table[m.group()])
+            pos = m.end()
+        return ids + (self.encode(text[pos:]) if pos < len(text) else [])
+
+    def piece(self, i: int) -> str:
+        """Token i as text for a person to read (llama_jax.data.display); special tokens by name."""
+        names = {v: k for k, v in self.special_tokens().items()}
+        return names.get(int(i)) or self.decode([int(i)])
+
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like `encode_batch` but returns int32 arrays; the data pipeline's fast path."""
         return [np.asarray(self.encode(t), dtype=np.int32) for t in texts]
@@ -117,6 +152,12 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in (int(i) for i in ids) if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def piece(self, i: int) -> str:
+        i = int(i)
+        if i >= 256:
+            return {256: "<bos>", 257: "<eos>", 258: "<pad>"}.get(i, f"<{i}>")
+        return chr(i) if i < 128 else f"<0x{i:02X}>"
 
     def save(self, directory) -> str:
         path = _mkdir(directory) / BYTE_FILE
@@ -159,6 +200,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def special_tokens(self) -> dict[str, int]:
+        # Control pieces (<s>, </s>, <pad>, ...): sentencepiece itself encodes their text as plain text.
+        sp = self._sp
+        return {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
 
     def save(self, directory) -> str:
         path = _mkdir(directory) / SENTENCEPIECE_FILE
@@ -239,6 +285,25 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    def special_token_strings(self) -> dict[str, str]:
+        ids = (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))
+        out = {key: self._tok.id_to_token(i) for key, i in ids if i is not None}
+        return {**out, **self._special}  # tokenizer_config.json's strings, as HF reads them
+
+    @functools.cached_property
+    def _chat_tok(self) -> tokenizers.Tokenizer:
+        # A second instance that splits on added tokens (the first keeps a literal "<s>" as text).
+        return tokenizers.Tokenizer.from_str(self._json)
+
+    def encode_chat(self, text: str) -> list[int]:
+        return self._chat_tok.encode(text, add_special_tokens=False).ids
+
+    def piece(self, i: int) -> str:
+        return self._tok.decode([int(i)], skip_special_tokens=False)
 
     def save(self, directory) -> str:
         directory = _mkdir(directory)

@@ -22,20 +22,23 @@ _CHUNK_CHARS = 8 << 20  # ... or fewer when they are long, to bound memory
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
-    """A split as one token array: document d is tokens[doc_starts[d]:doc_starts[d+1]] = [BOS] ids [EOS]."""
+    """A split as one token array: document d is tokens[doc_starts[d]:doc_starts[d+1]] = [BOS] ids [EOS]
+    (an SFT record's tokens as its template renders them, with `trained`)."""
 
     tokens: np.ndarray  # (N,) uint16 or int32; an np.memmap when read from the cache
     doc_starts: np.ndarray  # (D+1,) int64
     doc_bytes: np.ndarray  # (D,) int64 UTF-8 bytes of each document's text
     add_bos: bool
     add_eos: bool
+    # (N,) bool: the targets that are trained (SFT responses, llama_jax/data/sft.py); None = every target.
+    trained: np.ndarray | None = None
 
     @property
     def num_docs(self) -> int:
         return len(self.doc_bytes)
 
 
-def _stream_dtype(tokenizer: Tokenizer):
+def stream_dtype(tokenizer: Tokenizer):
     return np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
@@ -64,7 +67,7 @@ def tokenize(
     if cached and os.path.exists(os.path.join(cached, "doc_bytes.npy")):
         return _read_cache(cached, add_bos, add_eos)
 
-    dtype = _stream_dtype(tokenizer)
+    dtype = stream_dtype(tokenizer)
     bos = np.array([tokenizer.bos_id] if add_bos else [], dtype)
     eos = np.array([tokenizer.eos_id] if add_eos else [], dtype)
     parts: list[np.ndarray] = []

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 
+from llama_jax.data import sft
 from llama_jax.data.config import DataConfig
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of
 from llama_jax.data.sources import Documents, check_no_leak, documents_for_role, no_text
@@ -23,7 +24,8 @@ class TrainData:
     """Shuffled training batches; `batch_for_step(step)` is a pure function of (seed, step, data config).
 
     `TrainData(docs, tokenizer, options, seq_len=..., batch_size=..., seed=...)` reads packing, add_bos,
-    add_eos, window_docs, cache_dir and prefetch from `options` (a DataConfig); `from_config` also finds
+    add_eos, window_docs, cache_dir and prefetch from `options` (a DataConfig), and with format="sft" its
+    loss_on and chat_template (docs are then SFT records, llama_jax/data/sft.py); `from_config` also finds
     the documents the DataConfig names. batch_size is global, across all hosts.
     """
 
@@ -48,12 +50,15 @@ class TrainData:
         self.seq_len, self.batch_size, self.seed, self.packing = seq_len, batch_size, int(seed), packing
         self.add_bos, self.add_eos, self.cache_dir, self.prefetch = add_bos, add_eos, cache_dir, prefetch
         self.pad_id = pad_id_of(tokenizer)
+        self.formatter = sft.Formatter.from_config(options, tokenizer) if options.format == "sft" else None
         n = len(docs)
         per = window_docs if 0 < window_docs < n else n
         self.windows = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
         # docs.name, not docs.key: a moved data_dir or a re-copied file must not block resuming.
         ident = f"{docs.name}|{tokenizer.fingerprint()}|{add_bos}|{add_eos}|{packing}|{seq_len}"
         ident += f"|{batch_size}|{seed}|{per}"
+        if self.formatter is not None:  # only then, so text runs keep their fingerprint (and resume)
+            ident += f"|{self.formatter.fingerprint}"
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
         self._lock = threading.RLock()
         self._loaded: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
@@ -80,15 +85,11 @@ class TrainData:
 
     def _build_window(self, w: int) -> tuple[TokenStream, Rows]:
         lo, hi = self.windows[w]
-        stream = tokenize(
-            self.docs,
-            self.tokenizer,
-            add_bos=self.add_bos,
-            add_eos=self.add_eos,
-            cache_dir=self.cache_dir,
-            lo=lo,
-            hi=hi,
-        )
+        if self.formatter is not None:
+            stream, _ = sft.tokenize_records(self.docs, self.formatter, seq_len=self.seq_len, lo=lo, hi=hi)
+        else:
+            stream = tokenize(self.docs, self.tokenizer, add_bos=self.add_bos, add_eos=self.add_eos,
+                              cache_dir=self.cache_dir, lo=lo, hi=hi)
         rows = build_rows(stream, self.seq_len, self.packing)
         with self._lock:
             self._counts[w] = rows.num_rows
@@ -223,7 +224,7 @@ class TrainData:
         for w in np.unique(pairs[:, 0]).tolist():
             m = pairs[:, 0] == w
             stream, window_rows = self.window(w)
-            part = gather(stream.tokens, window_rows, pairs[m, 1], self.pad_id)
+            part = gather(stream.tokens, window_rows, pairs[m, 1], self.pad_id, stream.trained)
             if out is None:
                 out = {k: np.empty((len(pairs),) + v.shape[1:], v.dtype) for k, v in part.items()}
             for key, v in part.items():

@@ -2,6 +2,7 @@
 
 from llama_jax.inference.load import (
     inference_mesh,
+    load_chat_template,
     load_tokenizer_of,
     load_workdir,
     param_shardings,
@@ -15,14 +16,28 @@ from llama_jax.inference.perplexity import (
     perplexity,
     workdir_data_config,
 )
-from llama_jax.inference.sampling import generate, sample_logits, sample_text, top_p_mask
+from llama_jax.inference.sampling import (
+    chat_reply,
+    chat_stops,
+    check_messages,
+    encode_chat_prompt,
+    generate,
+    sample_logits,
+    sample_text,
+    top_p_mask,
+)
 
 __all__ = [
+    "chat_reply",
+    "chat_stops",
+    "check_messages",
+    "encode_chat_prompt",
     "evaluate",
     "evaluate_workdir",
     "generate",
     "inference_mesh",
     "jit_eval_step",
+    "load_chat_template",
     "load_tokenizer_of",
     "load_workdir",
     "make_eval_step",

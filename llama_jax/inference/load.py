@@ -20,8 +20,9 @@ from etils import epath
 from jax.sharding import Mesh
 
 from llama_jax import checkpoint, sharding
-from llama_jax.data import Tokenizer, check_vocab, load_tokenizer
-from llama_jax.errors import CheckpointError
+from llama_jax.data import TEMPLATES, ChatTemplate, Tokenizer, check_vocab, load_template, load_tokenizer
+from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.lora.workdir import restore_model_params
 from llama_jax.model import ModelConfig, param_shapes
 
 
@@ -61,6 +62,19 @@ def load_tokenizer_of(workdir, model_config: ModelConfig) -> Tokenizer:
     tokenizer = load_tokenizer(str(tok_dir))
     check_vocab(tokenizer, model_config.vocab_size)
     return tokenizer
+
+
+def load_chat_template(workdir, tokenizer: Tokenizer, spec: str = "") -> ChatTemplate:
+    """The chat template to prompt a workdir's model with: `spec` (a name in llama_jax.data.chat.TEMPLATES,
+    or a .jinja file), else DIR/tokenizer's own (chat_template.jinja or tokenizer_config.json's
+    chat_template; `experiments.convert_hf` copies it there, and training writes the one it used)."""
+    template = load_template(spec, checkpoint.tokenizer_dir(workdir), tokenizer.special_token_strings())
+    if template is None:
+        raise ConfigError(
+            f"{checkpoint.tokenizer_dir(workdir)} has no chat template (chat_template.jinja, or chat_template in "
+            f"tokenizer_config.json): pass --chat_template=NAME ({', '.join(sorted(TEMPLATES))}) or a .jinja file."
+        )
+    return template
 
 
 def load_workdir(
@@ -108,5 +122,5 @@ def load_workdir(
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), param_shapes(model_config), shardings
     )
-    params = checkpoint.restore_params(workdir, abstract, step=step)
+    params = restore_model_params(workdir, config, abstract, step=step)  # a LoRA run's: base + adapters merged
     return model_config, params, tokenizer, config

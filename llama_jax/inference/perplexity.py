@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from llama_jax import checkpoint, distributed, sharding
 from llama_jax.data import DataConfig, documents_for_role, eval_windows, text_file_documents
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
 from llama_jax.model import Llama, ModelConfig, batch_loss_sums, for_platform
 
@@ -74,6 +75,13 @@ def evaluate(
         "eval/tokens": tokens,
         "eval/bytes": float(num_bytes),
     }
+
+
+def response_metrics(result: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """The loss, perplexity and bits/byte of `result` again as response_loss, response_perplexity,
+    response_bits_per_byte: what an SFT evaluation with data.loss_on="responses" scores (its held-out
+    completions / assistant turns, never prompts), named so in metrics.jsonl, TensorBoard and eval_ppl."""
+    return {f"{prefix}response_{k}": result[prefix + k] for k in ("loss", "perplexity", "bits_per_byte")}
 
 
 def _progress_bar(total: int | None) -> tqdm:
@@ -194,6 +202,12 @@ def evaluate_workdir(
     eval_data = eval_windows(docs, tokenizer, d, seq_len=seq_len, batch_size=batch_size, stride=stride)
     # A long text takes minutes: show a bar (the train loop's eval hook does not; it has its own bar).
     result = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment), progress=True)
+    if d.format == "sft" and d.loss_on == "responses" and not text_file:
+        result.update(response_metrics(result))  # only held-out responses were scored: say so by name
+    if d.exact_match_records and not text_file:
+        exact = ExactMatch.from_config(d, tokenizer, max_seq_len=model_config.max_seq_len, experiment=experiment)
+        scores = exact(params, model_config, batch_size=batch_size)
+        result.update({k.removeprefix("eval/"): v for k, v in scores.items()})
     result.update(
         data=docs.name, seq_len=seq_len, stride=stride, packing=d.packing, batch_size=batch_size,
         step=checkpoint.latest_step(workdir_path) if step is None else step,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.data import Tokenizer
+from llama_jax.data import Tokenizer, chat
 from llama_jax.errors import ConfigError
 from llama_jax.model import KVCache, Llama, ModelConfig, unstack_layers
 
@@ -73,9 +73,11 @@ def _jitted_generate(backend: str):
     return jax.jit(_generate, static_argnames=("config", "max_new_tokens", "top_k"), compiler_options=options)
 
 
-def _generate(params, prompt, prompt_lengths, rng, temperature, top_p, eos_id, *, config: ModelConfig,
+def _generate(params, prompt, prompt_lengths, rng, temperature, top_p, stop_ids, *, config: ModelConfig,
               max_new_tokens: int, top_k: int):
-    """prompt: [batch, prompt_len] left-padded; returns (tokens [batch, max_new_tokens], num_generated [batch])."""
+    """prompt: [batch, prompt_len] left-padded; stop_ids: [num_stops] (-1: none); returns (tokens
+    [batch, max_new_tokens], num_generated [batch])."""
+    eos_id = stop_ids[0]  # what a finished row's remaining slots hold
     if config.scan_layers:
         # Decode layer by layer: scanning would slice each layer's KV buffers out of one stacked array and
         # stack them back every token (2.8x slower at batch 8 on CPU). The per-layer weight slices are
@@ -100,7 +102,7 @@ def _generate(params, prompt, prompt_lengths, rng, temperature, top_p, eos_id, *
         token = sample_logits(last_logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p)
         token = jnp.where(done, eos_id, token)
         out = out.at[:, i].set(token)
-        new_done = done | (token == eos_id)
+        new_done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
         logits, cache = model.apply({"params": params}, token[:, None], positions=pos[:, None], cache=cache)
         n_generated = jnp.where(done, 0, 1)
         return i + 1, logits[:, -1], cache, out, new_done, pos + n_generated
@@ -121,13 +123,14 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int = 0,
 ) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) by up to max_new_tokens; each row stops at EOS.
+    """Continue each prompt (a list of token ids) by up to max_new_tokens; each row stops at EOS, or at
+    any of several stop ids when `eos_id` is a list (a chat model's end-of-turn and EOS).
 
-    Returns the new tokens per row, EOS included when it was produced. Works with sharded params:
-    jit follows their shardings.
+    Returns the new tokens per row, the stop token included when it was produced. Works with sharded
+    params: jit follows their shardings.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token; start it with the tokenizer's BOS id.")
@@ -146,10 +149,11 @@ def generate(
     for row, p in enumerate(prompts):
         array[row, prompt_len - len(p) :] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
-    eos = -1 if eos_id is None else eos_id
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int | np.integer) else list(eos_id)
     out, n = _jitted_generate(jax.default_backend())(
         params, jnp.asarray(array), jnp.asarray(lengths), jax.random.key(seed), jnp.float32(temperature),
-        jnp.float32(top_p), jnp.int32(eos), config=config, max_new_tokens=max_new_tokens, top_k=top_k,
+        jnp.float32(top_p), jnp.asarray(stops or [-1], jnp.int32), config=config, max_new_tokens=max_new_tokens,
+        top_k=top_k,
     )
     out, n = np.asarray(out), np.asarray(n)
     return [list(map(int, out[row, : n[row]])) for row in range(len(prompts))]
@@ -222,7 +226,72 @@ def sample_text(
     stops = stop_ids(tokenizer, experiment)
     new = generate(
         params, model_config, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_id=stops[0] if stops else None, seed=seed,
+        top_k=top_k, top_p=top_p, eos_id=stops, seed=seed,
     )[0]
     new = truncate_at(new, stops)
     return continuation_text(tokenizer, prompt_ids, new), new
+
+
+# ---------------------------------------------------------------------- chat
+def chat_stops(tokenizer: Tokenizer, template: chat.ChatTemplate, experiment: dict) -> tuple[list[int], list[str]]:
+    """(stop ids, stop texts) of a chat reply. Ids: the template's end-of-turn token (chat.end_of_turn:
+    <|im_end|>, <|eot_id|>, </s>), first, then the EOS ids of `stop_ids`. An end-of-turn that is no special
+    token of the tokenizer (ChatML with the byte tokenizer: ten byte tokens) is a stop text instead: the
+    reply is cut there after generation (generation itself then runs to max_new_tokens or EOS)."""
+    ids, texts = stop_ids(tokenizer, experiment), []
+    eot = chat.end_of_turn(template)
+    if eot:
+        specials = set(tokenizer.special_tokens().values())
+        special = [i for i in tokenizer.encode_chat(eot) if i in specials]
+        if special:
+            ids = [special[0], *(i for i in ids if i != special[0])]
+        else:
+            texts.append(eot)
+    return ids, texts
+
+
+def encode_chat_prompt(tokenizer: Tokenizer, template: chat.ChatTemplate, messages: Sequence[dict]) -> list[int]:
+    """The ids a chat model continues: `messages` rendered with add_generation_prompt=True (the assistant
+    header last), control tokens as their ids; equal to transformers' apply_chat_template(messages,
+    add_generation_prompt=True, tokenize=True). The template writes any BOS itself."""
+    ids = tokenizer.encode_chat(template.render(messages, add_generation_prompt=True, where="the chat prompt"))
+    if not ids:
+        raise ConfigError(f"chat template {template.name} renders these messages as no text; give a --prompt.")
+    return ids
+
+
+def cut_at(text: str, stop_texts: Sequence[str]) -> str:
+    """`text` up to (without) the first occurrence of any stop text."""
+    cuts = [text.find(t) for t in stop_texts if t in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """`messages` if it is a non-empty list of {"role": system|user|assistant, "content": str}; else a
+    ConfigError naming `where` and the message."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f'{where}: the messages must be a non-empty JSON list of {{"role", "content"}} objects.')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in chat.ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(
+                f"{where}: message {i} is {m!r}; each must be {{\"role\": one of {list(chat.ROLES)}, \"content\": "
+                "a string}."
+            )
+    return messages
+
+
+def chat_reply(
+    params, model_config, tokenizer: Tokenizer, experiment: dict, template: chat.ChatTemplate,
+    messages: Sequence[dict], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+    top_p: float = 1.0, seed: int = 0,
+) -> tuple[str, list[int]]:
+    """(the assistant's reply text, its token ids without the stop token) to `messages`, prompted with
+    `template` (encode_chat_prompt) and stopped at its end of turn (chat_stops)."""
+    prompt_ids = encode_chat_prompt(tokenizer, template, messages)
+    stops, stop_texts = chat_stops(tokenizer, template, experiment)
+    new = generate(
+        params, model_config, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=stops, seed=seed,
+    )[0]
+    new = truncate_at(new, stops)
+    return cut_at(continuation_text(tokenizer, prompt_ids, new), stop_texts), new

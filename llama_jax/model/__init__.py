@@ -10,6 +10,7 @@ from llama_jax.model.loss import batch_loss_sums, loss_sums, target_mask
 from llama_jax.model.params import (
     count_params,
     init_params,
+    kernel_input_dims,
     param_shapes,
     path_str,
     stack_layers,
@@ -29,6 +30,7 @@ __all__ = [
     "count_params",
     "for_platform",
     "init_params",
+    "kernel_input_dims",
     "loss_sums",
     "param_shapes",
     "path_str",

@@ -60,6 +60,13 @@ def to_layout(params, config: ModelConfig):
     return stack_layers(params) if config.scan_layers else unstack_layers(params)
 
 
+def kernel_input_dims(path: str) -> int:
+    """How many leading dims of the matrix at `path` (a '/'-joined param path, unscanned layout) are its
+    input: 2 for the attention output projection ([heads, head_dim] -> embed), 1 for every other kernel
+    and for the embedding ([vocab] -> embed). What model/linear.py's `num_contract` says for each Dense."""
+    return 2 if path.endswith("attn/o_proj/kernel") else 1
+
+
 def path_str(path) -> str:
     """'/'-joined keys of a jax key path: ('layers_0', 'attn', 'q_proj', 'kernel') -> 'layers_0/attn/...'.
 

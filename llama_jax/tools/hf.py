@@ -50,13 +50,17 @@ from safetensors.numpy import save_file
 
 from llama_jax import checkpoint, model
 from llama_jax.errors import HFExportError, HFImportError
+from llama_jax.lora.workdir import restore_model_params
 from llama_jax.model import ModelConfig
 from llama_jax.tools.hf_config import CONFIG_FILE, TOKEN_ID_KEYS, config_from_hf, config_to_hf
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Tokenizer files copied between an HF directory and a workdir's tokenizer/ (whichever exist).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# Tokenizer files copied between an HF directory and a workdir's tokenizer/ (whichever exist). The chat
+# template is tokenizer_config.json's "chat_template" (transformers < 4.43) or chat_template.jinja (newer
+# save_pretrained), so a workdir keeps the template its model was tuned with (llama_jax.data.chat).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 # transformers' own default shard size for save_pretrained in 4.x; big enough that 1B models are one file.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Non-parameter buffers some older checkpoints saved; they are recomputed from the config, so skip them.
@@ -464,7 +468,8 @@ def export_from_workdir(workdir, hf_dir, *, dtype: str | None = None, step: int 
     source = checkpoint.read_config(workdir).get("source", {})
     extra = {k: source[k] for k in TOKEN_ID_KEYS if k in source}
     config_to_hf(cfg)  # fail on an unexportable architecture before reading any weights
-    params = checkpoint.restore_params(workdir, model.param_shapes(cfg), step=step)
+    # A LoRA run's adapters are merged into its base: the export is an ordinary checkpoint.
+    params = restore_model_params(workdir, checkpoint.read_config(workdir), model.param_shapes(cfg), step=step)
     with _atomic_dir(hf_dir) as tmp:
         _write_hf_files(tmp, cfg, params, dtype or cfg.param_dtype, DEFAULT_MAX_SHARD_BYTES, extra)
         _copy_tokenizer_files(pathlib.Path(checkpoint.tokenizer_dir(workdir)), tmp)

@@ -208,11 +208,14 @@ def _ledger(prog: TrainProgram, step: str) -> dict[str, int]:
             total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
         return total
 
-    params = per_chip(prog.abstract_state.params)
+    state = prog.abstract_state
+    # With LoRA, `params` are the adapters (all that trains) and `base` the frozen model.
+    ledger = {"params": per_chip(state.params)} if state.base is None else {
+        "frozen base": per_chip(state.base), "adapters": per_chip(state.params)}
     if step != "train":
-        return {"params": params}
-    grads = sum(math.prod(a.sharding.shard_shape(a.shape)) * 4 for a in jax.tree.leaves(prog.abstract_state.params))
-    return {"params": params, "opt_state": per_chip(prog.abstract_state.opt_state), "grads (f32)": grads}
+        return ledger
+    grads = sum(math.prod(a.sharding.shard_shape(a.shape)) * 4 for a in jax.tree.leaves(state.params))
+    return {**ledger, "opt_state": per_chip(state.opt_state), "grads (f32)": grads}
 
 
 def _batch(mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -229,7 +232,8 @@ def _lower(exp: Experiment, devices, step: str, decode_lengths: tuple[int, int])
             exp.loop.batch_size
     if step == "eval":
         b = exp.eval_batch_size
-        return prog, prog.eval_step.lower(prog.abstract_state.params, _batch(mesh, b, exp.loop.seq_len)), b
+        params = prog.eval_params(prog.abstract_state)
+        return prog, prog.eval_step.lower(params, _batch(mesh, b, exp.loop.seq_len)), b
     prompt_len, new = decode_lengths
     b = exp.eval_batch_size
     model = for_platform(exp.model.replace(max_seq_len=max(exp.model.max_seq_len, prompt_len + new)), "tpu")
@@ -242,7 +246,7 @@ def _lower(exp: Experiment, devices, step: str, decode_lengths: tuple[int, int])
     key = jax.eval_shape(lambda: jax.random.key(0))
     lowered = _jitted_generate("tpu").lower(
         params, arg((b, prompt_len), jnp.int32), arg((b,), jnp.int32), arg(key.shape, key.dtype),
-        arg((), jnp.float32), arg((), jnp.float32), arg((), jnp.int32),
+        arg((), jnp.float32), arg((), jnp.float32), arg((1,), jnp.int32),  # temperature, top_p, stop ids
         config=model, max_new_tokens=new, top_k=0,
     )
     return prog, lowered, b

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from llama_jax.data import EvalData, TrainData
 from llama_jax.errors import Interrupted, TrainingHalted
-from llama_jax.inference.perplexity import evaluate
+from llama_jax.inference.exact_match import ExactMatch
+from llama_jax.inference.perplexity import evaluate, response_metrics
 from llama_jax.lock import WorkdirLock
 from llama_jax.train.metrics import MetricWriter
 from llama_jax.train.program import TrainProgram
@@ -215,23 +216,36 @@ class Checkpoint(Hook):
 
 # ---------------------------------------------------------------------- evaluation
 class Evaluate(Hook):
-    """Held-out loss, perplexity and bits/byte every `every` steps and at the end."""
+    """Held-out loss, perplexity and bits/byte every `every` steps and at the end; with `responses_only`
+    (SFT, loss_on="responses": only response tokens are scored) also as eval/response_*, and with
+    `exact_match` (data.exact_match_records) eval/exact_match of greedy answers (inference/exact_match.py)."""
 
     pauses_clock = True
 
-    def __init__(self, eval_data: EvalData, writer: MetricWriter, every: int):
+    def __init__(self, eval_data: EvalData, writer: MetricWriter, every: int, *, responses_only: bool = False,
+                 exact_match: ExactMatch | None = None):
         self.eval_data, self.writer, self.every = eval_data, writer, every
+        self.responses_only, self.exact_match = responses_only, exact_match
 
     def __call__(self, run: Run) -> None:
         program = run.program
         rows = program.process_batch_slice(self.eval_data.batch_size)
         result = evaluate(
-            program.eval_step, program.shard_batch, run.state.params,
+            program.eval_step, program.shard_batch, program.eval_params(run.state),
             self.eval_data.batches(rows=rows), self.eval_data.num_bytes,
         )
+        if self.responses_only:
+            result.update(response_metrics(result, "eval/"))
+        if self.exact_match is not None:
+            result.update(self.exact_match(program.model_params(run.state), program.model_config,
+                                           batch_size=self.eval_data.batch_size))
         self.writer.write(run.done, result)
         run.last.update(result)
-        message = f"step {run.done}: eval loss {result['eval/loss']:.4f}, bits/byte {result['eval/bits_per_byte']:.4f}"
+        scored = " (responses)" if self.responses_only else ""
+        message = (f"step {run.done}: eval loss{scored} {result['eval/loss']:.4f}, bits/byte "
+                   f"{result['eval/bits_per_byte']:.4f}")
+        if "eval/exact_match" in result:
+            message += f", exact match {result['eval/exact_match']:.3f} of {int(result['eval/exact_match_records'])}"
         if log.isEnabledFor(logging.INFO):
             tqdm.write(message, file=sys.stderr)  # above the progress bar, not glued onto it
 

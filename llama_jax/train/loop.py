@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -25,12 +25,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax import checkpoint, distributed
-from llama_jax.data import EvalData, TrainData, check_vocab
+from llama_jax.data import EvalData, TrainData, chat, check_vocab
 from llama_jax.data.tokenizer import training_tokenizer
 from llama_jax.errors import CheckpointError
+from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.lock import WorkdirLock
+from llama_jax.lora.workdir import read_base_ref, restore_base, write_base_ref
 from llama_jax.sections import Section
-from llama_jax.train import hooks
+from llama_jax.train import hooks, init_from
 from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics, truncate_metrics
 from llama_jax.train.optim import make_schedule
 from llama_jax.train.program import TrainProgram
@@ -82,14 +84,18 @@ class LoopConfig(Section):
         self._check(self.resume_step >= -1, f"resume_step={self.resume_step} must be a step, or -1 for the newest.")
 
 
-def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = ()) -> dict[str, Any]:
+def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = (), *,
+          explicit: Collection[str] = ()) -> dict[str, Any]:
     """Train `exp` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
 
-    `extra_hooks` run after the built-in ones (hooks.py), each on its own cadence.
+    `extra_hooks` run after the built-in ones (hooks.py), each on its own cadence. `explicit`: dotted names
+    of the config fields the user set ("model.dim"; experiments.train passes its --config.X flags); with
+    init_from, the model and tokenizer come from the source except those (init_from.py).
     """
     distributed.maybe_initialize_distributed()
     distributed.quiet_non_main_processes()
     workdir = os.fspath(workdir)
+    exp = init_from.resolve(exp, explicit)  # reads the source only: a refusal leaves the workdir untouched
     # Config errors (mesh, divisibility, rules) are raised here, before the workdir is touched.
     program = TrainProgram.from_experiment(exp)
     with _workdir_lock(workdir) as lock:
@@ -108,12 +114,18 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     check_vocab(tokenizer, exp.model.vocab_size)
     train_data = TrainData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=loop.batch_size,
                                        seed=loop.seed)
-    eval_data = None
+    eval_data, exact_match = None, None
     if loop.eval_every:
         eval_data = EvalData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=exp.eval_batch_size)
+        exact_match = _exact_match(exp, tokenizer)
     mngr = checkpoint.manager(workdir, max_to_keep=loop.keep_checkpoints or None,
                               keep_period=loop.keep_period or None, enable_async_checkpointing=True)
     state = _initial_state(exp, program, mngr, train_data, resume_step)
+    base_ref = None
+    if exp.lora.enabled:  # the frozen base: init_from's params; on resume, checked to be the adapters' base
+        recorded = read_base_ref(workdir) if resume_step is not None else None
+        base, base_ref = restore_base(loop.init_from, program.abstract_state.base, recorded=recorded, where=workdir)
+        state = state.replace(base=base)
     # Only now, with the checkpoint restored (or a fresh state built), does the workdir change: a failed
     # resume leaves the checkpoints, config.json, the tokenizer and metrics.jsonl as they were.
     if resume_step is not None:
@@ -126,11 +138,13 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     run.done = run.start
     if distributed.is_main_process():
         checkpoint.write_config(workdir, exp.to_dict())
-        tokenizer.save(checkpoint.tokenizer_dir(workdir))
+        if base_ref is not None:
+            write_base_ref(workdir, base_ref)
+        chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
         truncate_metrics(workdir, run.start)  # rows past the start are recomputed (each step logged once)
     writer = MetricWriter(workdir, enabled=distributed.is_main_process())
     with contextlib.closing(writer):
-        all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer), *extra_hooks]
+        all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match), *extra_hooks]
         if lock is not None:
             all_hooks.append(hooks.Heartbeat(lock))
         _loop(run, all_hooks, train_data)
@@ -207,13 +221,24 @@ def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resu
         train_data.restore(data_state)  # checks the data config is the one the run was started with
         return state
     state = program.init_state(exp.loop.seed)
-    if exp.loop.init_from:
+    if exp.loop.init_from and not exp.lora.enabled:  # with LoRA init_from is the frozen base (_train)
         log.info("initialising params from %s (fresh optimizer state)", exp.loop.init_from)
         state = state.replace(params=checkpoint.restore_params(exp.loop.init_from, program.abstract_state.params))
     return state
 
 
-def _hooks(exp, workdir, mngr, train_data, eval_data, writer) -> list[hooks.Hook]:
+def _exact_match(exp, tokenizer) -> ExactMatch | None:
+    """The held-out exact-match examples of data.exact_match_records (None when 0)."""
+    if not exp.data.exact_match_records:
+        return None
+    if jax.process_count() > 1:  # the sampler feeds host arrays to one process's devices
+        log.warning("data.exact_match_records is ignored in a multi-process run; run experiments.eval_ppl "
+                    "--config.data.exact_match_records=N on the workdir instead.")
+        return None
+    return ExactMatch.from_config(exp.data, tokenizer, max_seq_len=exp.model.max_seq_len)
+
+
+def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None) -> list[hooks.Hook]:
     loop, main = exp.loop, distributed.is_main_process()
     peak, peak_source = peak_flops()
     log.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
@@ -231,7 +256,9 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer) -> list[hooks.Hook
     save = hooks.Checkpoint(mngr, train_data, loop.checkpoint_every, guard)
     out.append(save)
     if eval_data is not None:
-        out.append(hooks.Evaluate(eval_data, writer, loop.eval_every))
+        responses_only = exp.data.format == "sft" and exp.data.loss_on == "responses"
+        out.append(hooks.Evaluate(eval_data, writer, loop.eval_every, responses_only=responses_only,
+                                  exact_match=exact_match))
     if progress is not None:
         out.append(progress)
     out.append(hooks.Preemption(save, workdir))

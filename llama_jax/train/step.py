@@ -34,6 +34,9 @@ class TrainState:
     params: Any
     opt_state: Any
     consecutive_skips: jax.Array  # [] int32: non-finite steps in a row up to this one
+    # LoRA (llama_jax.lora): the frozen base params, and `params` are the adapters. Never saved with the
+    # state (the base stays in its own workdir); None in ordinary training.
+    base: Any = None
 
 
 def save_state(mngr, state: TrainState, step: int, data_state: dict) -> None:
@@ -75,8 +78,12 @@ def make_train_step(
     *,
     grad_accum_steps: int,
     z_loss: float,
+    merge: Callable | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure (unjitted) train step: (state, batch) -> (state, metrics).
+
+    merge (LoRA): (state.base, state.params) -> the params the model computes with; the gradient, the
+    optimizer and the norms below then cover state.params (the adapters) alone.
 
     Metrics (replicated scalars): loss (cross-entropy per target token), z_loss (its coefficient
     included), grad_norm (before clipping), param_norm (after the step), update_norm, lr (the rate of
@@ -86,9 +93,9 @@ def make_train_step(
     model = Llama(for_platform(model_config, sharding.mesh_platform(mesh)))
     f32 = jnp.float32
 
-    def grads_and_sums(params, batch):
+    def grads_and_sums(params, base, batch):
         def objective(p):
-            sums = batch_loss_sums(model, p, batch)
+            sums = batch_loss_sums(model, p if merge is None else merge(base, p), batch)
             return sums["nll_sum"] + z_loss * sums["z_sum"], sums
 
         grads, sums = jax.grad(objective, has_aux=True)(params)
@@ -99,13 +106,13 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         with sharding.activation_context(mesh, rules.activations):
             if grad_accum_steps == 1:
-                grads, sums = grads_and_sums(state.params, batch)
+                grads, sums = grads_and_sums(state.params, state.base, batch)
             else:
                 micro = _split_microbatches(batch, grad_accum_steps, mesh)
 
                 def body(carry, xs):
                     grad_acc, sum_acc = carry
-                    grads, sums = grads_and_sums(state.params, xs)
+                    grads, sums = grads_and_sums(state.params, state.base, xs)
                     return (jax.tree.map(jnp.add, grad_acc, grads), jax.tree.map(jnp.add, sum_acc, sums)), None
 
                 zero_grads = jax.lax.with_sharding_constraint(
@@ -135,6 +142,7 @@ def make_train_step(
             params=params,
             opt_state=keep(new_opt_state, state.opt_state),
             consecutive_skips=skips,
+            base=state.base,
         )
         metrics = {
             "loss": loss,

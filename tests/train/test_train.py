@@ -19,9 +19,10 @@ import pytest
 from llama_jax import checkpoint, errors
 from llama_jax.checkpoint import config_diff
 from llama_jax.errors import ConfigMismatchError
+from llama_jax.experiment import Experiment
 from llama_jax.model import Llama, ModelConfig, init_params, param_shapes, preset
 from llama_jax.tools import hf
-from llama_jax.train import read_metrics, restore_state, save_state
+from llama_jax.train import read_metrics, restore_state, save_state, train
 from tests.helpers import REPO, load_config, program_of, run_module, train_config
 
 pytestmark = pytest.mark.slow
@@ -319,10 +320,12 @@ def test_init_from_trained_and_hf_imported_workdirs(straight, tmp_path, data_fla
     got = checkpoint.restore_params(str(tmp_path / "ft_hf"), program_of(config).abstract_state.params)
     _assert_bit_identical(got, hf_params)
 
-    # A fine-tune whose model does not match the source names the mismatching params.
+    # The model comes from the source (tests/train/test_init_from.py): an explicit override of a shape is
+    # refused, naming it, before the workdir exists.
     config = _config(data_flags, init_from=straight, **{**frozen, "model.ffn_dim": 96})
-    with pytest.raises(errors.CheckpointError, match=r"mlp.*down_proj.*\(96, 64\)"):
-        train_config(config, str(tmp_path / "ft_bad"))
+    with pytest.raises(errors.ConfigError, match=r"--config.model.ffn_dim=96 \(its ffn_dim is 172\) would change"):
+        train(Experiment.from_config(config), str(tmp_path / "ft_bad"), explicit={"model.ffn_dim"})
+    assert not (tmp_path / "ft_bad").exists()
 
 
 def test_optax_lr_zero_is_a_no_op_update():

@@ -1,0 +1,155 @@
+"""Adapters: which params get them, their shapes and init, their shardings, and the merged weights.
+
+Adapters mirror the params they adapt: the kernel `layers_0/attn/q_proj/kernel` gets
+`layers_0/attn/q_proj/kernel/lora_a` and `.../lora_b`, in the params' layer layout. So the machinery that
+works by path treats an adapter tree like a params tree: optimizer-state shardings (sharding.opt_state_specs),
+the weight-decay mask, Orbax restores with shape checks, and the scanned <-> unscanned relayout.
+
+Shapes keep the kernel's own dims rather than flattening them to [in, out]. A kernel [*lead, *in, *out]
+(lead: the [layers] axis of scanned params; in / out split by model.kernel_input_dims) gets
+
+    A [*lead, *in, r]     B [*lead, r, *out]     A @ B (contracted over r) = [*lead, *in, *out]
+
+e.g. q_proj [D, H, hd]: A [D, r], B [r, H, hd]; o_proj [H, hd, D]: A [H, hd, r], B [r, D]. Every adapter dim
+but r is then a kernel dim and takes that dim's PartitionSpec entry (A: the input dims', B: the output
+dims'); r is never split. Mathematically this is PEFT's A [in, r], B [r, out] with in/out flattened.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.errors import ConfigError
+from llama_jax.lora.config import LoraConfig
+from llama_jax.model import kernel_input_dims, path_str
+
+A, B = "lora_a", "lora_b"
+
+
+def _layout(path: str) -> tuple[int, int]:
+    """(leading [layers] dims, input dims) of the matrix at `path`; scanned params live under `layers/`."""
+    return (1 if path.startswith("layers/") else 0), kernel_input_dims(path)
+
+
+def _leaves(tree) -> dict[str, tuple]:
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def target_paths(cfg: LoraConfig, params) -> list[str]:
+    """The paths of the params (arrays or ShapeDtypeStructs) that `cfg.targets` selects, sorted.
+
+    Raises ConfigError for a regex that matches no param (listing the param paths) and for a match that
+    is not a matrix (a norm scale, a bias).
+    """
+    leaves = _leaves(params)
+    patterns = [re.compile(t) for t in cfg.targets]
+    unmatched = [t for t, p in zip(cfg.targets, patterns) if not any(p.search(path) for path in leaves)]
+    if unmatched:
+        # One line per distinct path with the layer index elided: 2 lines per layer kind, not 2 per layer.
+        names = list(dict.fromkeys(re.sub(r"^layers_\d+/", "layers_<i>/", p) for p in leaves))
+        raise ConfigError(
+            f"lora.targets {unmatched} match no param. Regexes are searched in these param paths:\n  "
+            + "\n  ".join(names) + "\nFix --config.lora.targets (e.g. r'attn/(q|k|v|o)_proj/kernel$')."
+        )
+    paths = sorted(p for p in leaves if any(pat.search(p) for pat in patterns))
+    flat = [f"{p} {tuple(leaves[p].shape)}" for p in paths if leaves[p].ndim - sum(_layout(p)) < 1]
+    if flat:
+        raise ConfigError(
+            f"lora.targets {list(cfg.targets)} select params that are not matrices: {flat}. LoRA adapts "
+            "kernels and the embedding; narrow the regexes (end them in '/kernel$')."
+        )
+    return paths
+
+
+def _set(tree: dict, keys: list[str], value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def init_adapters(cfg: LoraConfig, params, key: jax.Array, dtype) -> dict:
+    """Adapters for `params` (arrays or ShapeDtypeStructs; only shapes are read): B = 0, so the adapted
+    model equals the base, and A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PEFT's default (its
+    kaiming_uniform(a=sqrt(5))); each target's A from its own fold of `key` (targets in path order)."""
+    leaves = _leaves(params)
+    out: dict = {}
+    for i, path in enumerate(target_paths(cfg, params)):
+        shape = tuple(leaves[path].shape)
+        lead, n_in = _layout(path)
+        in_shape = shape[lead : lead + n_in]
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(jax.random.fold_in(key, i), (*shape[: lead + n_in], cfg.rank), dtype, -bound, bound)
+        b = jnp.zeros((*shape[:lead], cfg.rank, *shape[lead + n_in :]), dtype)
+        _set(out, [*path.split("/"), A], a)
+        _set(out, [*path.split("/"), B], b)
+    return out
+
+
+def _pairs(adapters) -> dict[str, dict[str, jax.Array]]:
+    """{kernel path: {"lora_a": A, "lora_b": B}} of an adapter tree."""
+    pairs: dict[str, dict] = {}
+    for path, x in _leaves(adapters).items():
+        kernel, which = path.rsplit("/", 1)
+        pairs.setdefault(kernel, {})[which] = x
+    return pairs
+
+
+def delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A [*lead, *in, r] @ B [*lead, r, *out] -> [*lead, *in, *out] = `shape`, as one (batched) 2-D matmul in
+    f32 or wider at full precision (on TPU the default f32 precision would round A and B to bf16)."""
+    lead = a.ndim + b.ndim - 2 - len(shape)
+    r = a.shape[-1]
+    a2 = a.reshape(*a.shape[:lead], -1, r)  # [*lead, in, r]
+    b2 = b.reshape(*b.shape[:lead], r, -1)  # [*lead, r, out]
+    out = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST,
+                     preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+    return out.reshape(shape)
+
+
+def merge(params, adapters, scale: float):
+    """The params the model computes with: W + scale * A @ B at every adapted path, the rest as they are.
+
+    An adapted weight takes the wider of its own and the adapters' dtype (a bf16 base with f32 adapters
+    gives f32: rounding the sum to bf16 would drop updates smaller than W's bf16 step); the model casts
+    every weight to its compute dtype anyway. Costs one [in, r] @ [r, out] matmul per adapted kernel.
+    """
+    pairs = _pairs(adapters)
+
+    def leaf(path, w):
+        ab = pairs.get(path_str(path))
+        if ab is None:
+            return w
+        dtype = jnp.promote_types(w.dtype, ab[A].dtype)
+        return w.astype(dtype) + (scale * delta(ab[A], ab[B], w.shape)).astype(dtype)
+
+    missing = set(pairs) - set(_leaves(params))
+    if missing:
+        raise ConfigError(f"adapters for {sorted(missing)}, which these params do not have.")
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def adapter_specs(adapters, param_specs):
+    """PartitionSpecs of an adapter tree from its kernels' specs (same tree as `param_specs`): A takes the
+    kernel's lead and input dims' entries, B its lead and output dims'; the rank dim is replicated."""
+    specs = _leaves_of_specs(param_specs)
+    pairs = _pairs(adapters)
+
+    def spec(path, x) -> P:
+        kernel, which = path_str(path).rsplit("/", 1)
+        lead, n_in = _layout(kernel)
+        ndim = pairs[kernel][B].ndim + n_in - 1  # = lead + n_in + n_out
+        k = tuple(specs[kernel]) + (None,) * (ndim - len(specs[kernel]))
+        return P(*k[: lead + n_in], None) if which == A else P(*k[:lead], None, *k[lead + n_in :])
+
+    return jax.tree_util.tree_map_with_path(spec, adapters)
+
+
+def _leaves_of_specs(specs) -> Mapping[str, P]:
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    return {path_str(p): s for p, s in flat}

@@ -1,0 +1,64 @@
+"""`config.lora`: low-rank adapters trained on a frozen base model (LoRA, Hu et al. 2021).
+
+    --config.init_from=BASE_WORKDIR --config.lora.rank=8 [--config.lora.alpha=16]
+        [--config.lora.targets='("attn/(q|k|v|o)_proj/kernel$", "mlp/(gate|up|down)_proj/kernel$")']
+        [--config.lora.base_dtype=bfloat16]
+
+rank 0 (the default) is ordinary training. With rank r > 0 each param whose '/'-joined path a regex of
+`targets` searches (the paths partition rules match: `layers_0/attn/q_proj/kernel`, or `layers/...` under
+scan_layers) gets adapters A [*in, r] and B [r, *out], and the model computes with
+W + (alpha / r) * A @ B. Only A and B are trained; the base comes from `init_from` and never changes.
+
+No dropout field: LoRA dropout drops the adapter's *input* x before x @ A, which a merged weight cannot
+express, and the model has no dropout rng.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+
+from llama_jax.errors import ConfigError
+from llama_jax.sections import Section
+
+BASE_DTYPES = ("", "float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(Section):
+    SECTION = "lora"
+
+    rank: int = 0  # 0: off (every param trains); r > 0: only rank-r adapters train
+    alpha: float = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
+    # Regexes searched in '/'-joined param paths; every match gets adapters. Default: attention q, k, v, o.
+    targets: tuple[str, ...] = (r"attn/(q|k|v|o)_proj/kernel$",)
+    # dtype the frozen base params are held in on the devices; "" = model.param_dtype. Adapters and their
+    # optimizer state always use model.param_dtype.
+    base_dtype: str = ""
+
+    def __post_init__(self):
+        self._check(self.rank >= 0, f"lora.rank={self.rank} must be >= 0 (0 turns LoRA off).")
+        self._check(self.alpha > 0, f"lora.alpha={self.alpha} must be > 0 (the update is scaled by alpha / rank).")
+        self._check(self.base_dtype in BASE_DTYPES,
+                    f"lora.base_dtype={self.base_dtype!r} is not one of {BASE_DTYPES} ('' = model.param_dtype).")
+        self._check(not self.enabled or bool(self.targets),
+                    "lora.targets is empty: give at least one regex of the param paths to adapt.")
+        for regex in self.targets:
+            try:
+                re.compile(regex)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"lora.targets: {regex!r} is not a valid regex ({e}).") from e
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def base_dtype_for(self, param_dtype: str) -> jnp.dtype:
+        """The dtype the frozen base is held in, for a model whose params are stored in `param_dtype`."""
+        return jnp.dtype(self.base_dtype or param_dtype)
