@@ -4,8 +4,11 @@ import os
 import pathlib
 import shutil
 
+# 8 emulated devices share 2 cores: on a loaded machine a collective's 8 threads can take longer than
+# XLA:CPU's default 40 s to meet, and it then aborts the process (seen in a sweep's eval step).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # With libtpu installed (the `tpu` extra, for the planner tests) jax would otherwise probe for a TPU: the
