@@ -64,10 +64,10 @@ def synthetic_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> None:
             written += len(text.encode())
 
 
-def run_case(name: str, docs: data.Documents, tokenizer, tokens: int | None = None, **options) -> dict:
-    """Time one epoch; `tokens` (the stream size) must be given for windowed runs, which keep few windows."""
+def run_case(name: str, docs: data.Documents, tokenizer, **options) -> dict:
+    """Time tokenizing and packing, then one epoch of batches."""
     t0 = time.perf_counter()
-    train = data.TrainData(
+    train = data.TrainData.from_documents(
         docs, tokenizer, DataConfig(**options), seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, seed=0
     )
     t1 = time.perf_counter()
@@ -75,12 +75,10 @@ def run_case(name: str, docs: data.Documents, tokenizer, tokens: int | None = No
     while True:  # one epoch (the last step may reach into the next)
         train.batch_for_step(steps, 0, 1)
         steps += 1
-        if train.rows_per_epoch is not None and steps * _BATCH_SIZE.value >= train.rows_per_epoch:
+        if steps * _BATCH_SIZE.value >= train.rows_per_epoch:
             break
     t2 = time.perf_counter()
-    if tokens is None:
-        assert len(train.windows) == 1
-        tokens = len(train.window(0)[0].tokens)
+    tokens = sum(s.num_tokens for src in train.sources.values() for s in src.shards)
     result = {
         "tokens": tokens,
         "tokenize_pack_s": round(t1 - t0, 3),
@@ -135,13 +133,12 @@ def main(argv):
         results[f"synthetic/{bpe}/packed"] = run_case(
             f"synthetic/{bpe}/packed", synthetic, sp_synthetic, packing="packed"
         )
-        results[f"synthetic/{bpe}/packed/window_docs=1000"] = run_case(
-            f"synthetic/{bpe}/packed/window_docs=1000",
+        results[f"synthetic/{bpe}/packed/shard_docs=1000"] = run_case(
+            f"synthetic/{bpe}/packed/shard_docs=1000",
             synthetic,
             sp_synthetic,
-            tokens=results[f"synthetic/{bpe}/packed"]["tokens"],
             packing="packed",
-            window_docs=1000,
+            shard_docs=1000,
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,14 +1,21 @@
-"""`config.data`: where the text comes from, how it is tokenized and packed (see llama_jax/data/__init__)."""
+"""`config.data`: where the text comes from, how it is tokenized, packed and mixed (see
+llama_jax/data/__init__)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
+from llama_jax.errors import ConfigError
 from llama_jax.sections import Section
 
 PACKING_MODES = ("concat", "packed")
 FORMATS = ("text", "sft")
 LOSS_ON = ("responses", "all")
+# The fields a named source (data.sources.NAME) may set; those it does not set come from config.data.
+SOURCE_FIELDS = ("tfds_name", "train_split", "eval_split", "text_key", "data_dir", "manual_dir", "train_files",
+                 "eval_files", "weight")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +28,10 @@ class DataConfig(Section):
     text_key: str = "text"  # TFDS feature / jsonl field holding the text
     data_dir: str = ""  # TFDS data dir ("" = TFDS default; gs:// works)
     manual_dir: str = ""  # offline builds: dir with the downloaded files (tiny_shakespeare: input.txt)
-    train_files: str = ""  # comma-separated local globs (.jsonl: a doc per line; else a doc per file)
-    eval_files: str = ""  # held-out local files; required with train_files
+    # Comma-separated globs of shard files, local or on a bucket (gs://): .jsonl, .parquet, .array_record,
+    # optionally .gz/.zst; any other file is one document (llama_jax/data/files.py). Overrides tfds_name.
+    train_files: str = ""
+    eval_files: str = ""  # held-out files; required with train_files
     # "byte", a tokenizer.model/tokenizer.json, a dir holding one, or "train:bpe:N" / "train:unigram:N"
     # (a SentencePiece model of N pieces trained on the training split, kept in WORKDIR/tokenizer).
     tokenizer: str = "byte"
@@ -30,8 +39,17 @@ class DataConfig(Section):
     add_bos: bool = True
     add_eos: bool = True
     eval_batch_size: int = 0  # 0 = the training batch_size
-    window_docs: int = 0  # >0: tokenize the train split lazily, this many documents at a time (C4-size data)
-    cache_dir: str = ""  # keep tokenized splits here as .npy (memory-mapped on reuse); "" = in memory
+    # The tokenized cache (llama_jax/data/cache.py), local or gs://: each source's shards tokenized once, read
+    # by range on every later run and host. "" = tokenize in memory at start (small data).
+    cache_dir: str = ""
+    shard_docs: int = 100_000  # TFDS splits are cut into cache shards of this many documents
+    shuffle_shards: int = 16  # shards whose rows are shuffled together (a window); windows are shuffled too
+    # Several sources, mixed by weight: {NAME: {field: value, ...}} with fields of SOURCE_FIELDS (weight, and
+    # where the text comes from); unset fields come from this section. {} = one source, this section's.
+    sources: dict = dataclasses.field(default_factory=dict)
+    # Weights that change during training: "STEP:NAME=W,NAME=W;STEP:..." (each stage lists every source).
+    stages: str = ""
+    mixture_block: int = 1024  # rows per mixture block: each source gives exactly round(weight*block) rows
     prefetch: int = 2  # batches computed ahead in a background thread
     # Supervised fine-tuning (llama_jax/data/sft.py): "sft" reads train_files / eval_files as .jsonl records,
     # {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}; "packed" only.
@@ -47,9 +65,14 @@ class DataConfig(Section):
 
     def __post_init__(self):
         self._check(self.packing in PACKING_MODES, f"data.packing={self.packing!r} is not one of {PACKING_MODES}.")
-        for name in ("eval_batch_size", "window_docs", "prefetch", "exact_match_records"):
+        for name in ("eval_batch_size", "prefetch", "exact_match_records"):
             v = getattr(self, name)
             self._check(v >= 0, f"data.{name}={v} must be >= 0.")
+        for name in ("shard_docs", "shuffle_shards", "mixture_block"):
+            v = getattr(self, name)
+            self._check(v >= 1, f"data.{name}={v} must be >= 1.")
+        self.source_configs()  # every source's fields are checked once, here
+        self.stage_weights()
         self._check(bool(self.text_key), "data.text_key must name the feature or field holding the text.")
         self._check(bool(self.tokenizer), "data.tokenizer must be 'byte', a tokenizer file or dir, or train:bpe:N.")
         self._check(self.format in FORMATS, f"data.format={self.format!r} is not one of {FORMATS}.")
@@ -67,3 +90,65 @@ class DataConfig(Section):
                         "(data.tokenizer='train:...').")
             self._check(not self.cache_dir, "data.cache_dir caches text token streams; SFT records are "
                         "tokenized each run (with their loss masks): set data.cache_dir=''.")
+
+    def source_configs(self) -> tuple[SourceConfig, ...]:
+        """The sources, in name order: data.sources' entries over this section's fields, or this section as
+        one source (named after its TFDS dataset, or "files")."""
+        base = {f: getattr(self, f) for f in SOURCE_FIELDS if f != "weight"}
+        if not self.sources:
+            name = "files" if self.train_files else self.tfds_name.split("/")[0].split(":")[0]
+            return (SourceConfig(name=name, **base),)
+        out = []
+        for name, overrides in sorted(dict(self.sources).items()):
+            overrides = dict(overrides or {})
+            unknown = sorted(set(overrides) - set(SOURCE_FIELDS))
+            if unknown:
+                raise ConfigError(f"unknown field(s) {unknown} in data.sources.{name}; a source sets "
+                                  f"{list(SOURCE_FIELDS)}.")
+            if not _NAME.match(name):
+                raise ConfigError(f"data.sources: source name {name!r} may hold only letters, digits, _ . -")
+            out.append(SourceConfig.from_dict({"name": name, **base, **overrides}))
+        if self.format == "sft" and len(out) > 1:
+            raise ConfigError("data.format='sft' reads one set of record files: give data.train_files and "
+                              "data.eval_files, not data.sources.")
+        return tuple(out)
+
+    def stage_weights(self) -> tuple[tuple[int, dict[str, float]], ...]:
+        """(first step, {source: weight}) per stage; stage 0 starts at step 0 with the sources' weights."""
+        names = [s.name for s in self.source_configs()]
+        stages = [(0, {s.name: s.weight for s in self.source_configs()})]
+        for part in [p.strip() for p in self.stages.split(";") if p.strip()]:
+            m = re.fullmatch(r"(\d+)\s*:(.*)", part)
+            try:
+                weights = {k.strip(): float(v) for k, v in (kv.split("=") for kv in m.group(2).split(","))}
+            except (AttributeError, ValueError):
+                raise ConfigError(f"data.stages: cannot read {part!r}; write STEP:NAME=W,NAME=W;STEP:...") from None
+            if sorted(weights) != sorted(names):
+                raise ConfigError(f"data.stages: stage {part!r} must give a weight to each source {names}.")
+            step = int(m.group(1))
+            if step <= stages[-1][0]:
+                raise ConfigError(f"data.stages: stage steps must increase and start after 0 (got {step}).")
+            stages.append((step, weights))
+        return tuple(stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig(Section):
+    """One source of training text (and its held-out data), built by DataConfig.source_configs()."""
+
+    SECTION = "data.sources"
+
+    name: str
+    tfds_name: str
+    train_split: str
+    eval_split: str
+    text_key: str
+    data_dir: str
+    manual_dir: str
+    train_files: str
+    eval_files: str
+    weight: float = 1.0  # normalized over the sources (a log line says so when they do not sum to 1)
+
+    def __post_init__(self):
+        self._check(self.weight >= 0, f"{self.name}: weight={self.weight} must be >= 0.")
+        self._check(bool(self.text_key), f"{self.name}: text_key must name the field holding the text.")

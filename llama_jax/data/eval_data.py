@@ -17,10 +17,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from llama_jax.data import cache as token_cache
 from llama_jax.data import sft
 from llama_jax.data.config import DataConfig
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of, window_layout
-from llama_jax.data.sources import Documents, check_no_leak, documents_for_role, no_text
+from llama_jax.data.sources import Documents, check_no_leak, no_text, source_for_role
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.data.tokens import TokenStream, tokenize
 from llama_jax.errors import DataError
@@ -80,18 +81,12 @@ class EvalData:
 
     @classmethod
     def from_config(cls, data: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_size: int) -> EvalData:
-        """The held-out split (or files) `data` names, checked not to overlap the training data."""
-        check_no_leak(data)
-        docs = documents_for_role(data, "eval")
-        if data.format == "sft":
-            formatter = sft.Formatter.from_config(data, tokenizer)
-            stream, _ = sft.tokenize_records(docs, formatter, seq_len=seq_len)
-        else:
-            stream = tokenize(docs, tokenizer, add_bos=data.add_bos, add_eos=data.add_eos,
-                              cache_dir=data.cache_dir)
-        if int(stream.doc_bytes.sum()) == 0:
-            raise no_text(docs)
-        return cls(stream, build_rows(stream, seq_len, data.packing), tokenizer, batch_size=batch_size)
+        """The held-out data of a one-source config (eval_sets for several), checked not to overlap the
+        training data."""
+        sets = eval_sets(data, tokenizer, seq_len=seq_len, batch_size=batch_size)
+        if len(sets) != 1:
+            raise DataError(f"this config has {len(sets)} held-out sets ({sorted(sets)}): use eval_sets.")
+        return next(iter(sets.values()))
 
     @property
     def num_batches(self) -> int:
@@ -140,6 +135,46 @@ def eval_windows(
     if ev.num_tokens == 0 or ev.num_bytes == 0:
         raise DataError(f"{docs.name} has no text to score (empty, or shorter than two tokens).")
     return ev
+
+
+def eval_sets(data: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_size: int) -> dict[str, EvalData]:
+    """Each source's held-out data, by source name (a source of several without held-out files has none),
+    checked not to overlap any training data. With data.cache_dir it is tokenized once into the cache."""
+    check_no_leak(data)
+    out = {}
+    for cfg in data.source_configs():
+        if data.sources and cfg.train_files and not cfg.eval_files:
+            continue
+        source = source_for_role(cfg, data, "eval")
+        if data.format == "sft":
+            records = list(source.shards[0].read())
+            docs = Documents(source.description, source.key, len(records), lambda lo, hi, r=records: iter(r[lo:hi]))
+            stream, _ = sft.tokenize_records(docs, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
+        else:
+            _, shards = token_cache.open_source(source, tokenizer, cache_dir=data.cache_dir, role="eval",
+                                                add_bos=data.add_bos, add_eos=data.add_eos)
+            stream = concat_streams([s.stream() for s in shards])
+        if int(stream.doc_bytes.sum()) == 0:
+            raise no_text(source.description)
+        out[cfg.name] = EvalData(stream, build_rows(stream, seq_len, data.packing), tokenizer, batch_size=batch_size)
+    if not out:
+        raise DataError("no source names held-out data: set eval_files (or a TFDS eval_split) on a source.")
+    return out
+
+
+def concat_streams(streams: list[TokenStream]) -> TokenStream:
+    """One in-memory stream of several (held-out shards, read whole: eval scores every token)."""
+    tokens = [s.tokens if isinstance(s.tokens, np.ndarray) else s.tokens.ranges([0], [len(s.tokens)])[0]
+              for s in streams]
+    if len(streams) == 1 and isinstance(streams[0].tokens, np.ndarray):
+        return streams[0]
+    offsets = np.cumsum([0] + [len(t) for t in tokens])
+    starts = [np.asarray(s.doc_starts[:-1]) + o for s, o in zip(streams, offsets)]
+    return TokenStream(
+        np.concatenate(tokens), np.concatenate([*starts, [offsets[-1]]]).astype(np.int64),
+        np.concatenate([s.doc_bytes for s in streams]).astype(np.int64), streams[0].add_bos, streams[0].add_eos,
+        None if streams[0].trained is None else np.concatenate([s.trained for s in streams]),
+    )
 
 
 def text_file_documents(path: str) -> Documents:

@@ -45,6 +45,11 @@ def _chunk(starts: np.ndarray, num_targets: np.ndarray, seq_len: int) -> tuple[n
     return starts[span] + j * seq_len, np.minimum(seq_len, num_targets[span] - j * seq_len)
 
 
+def row_count(num_tokens: int, seq_len: int) -> int:
+    """Rows of a stream of num_tokens in "concat" mode (build_rows' count, without building them)."""
+    return -(-max(int(num_tokens) - 1, 0) // seq_len)
+
+
 def build_rows(stream: TokenStream, seq_len: int, packing: str = "concat") -> Rows:
     """The rows of a token stream in `packing` mode ("concat" or "packed"; module docstring)."""
     if seq_len < 1:
@@ -138,8 +143,16 @@ def gather(tokens, rows: Rows, row_ids: np.ndarray, pad_id: int, scored=None, we
     src = np.repeat(rows.start[piece], n) + j
     row = np.repeat(np.repeat(batch_row, count), n)
     col = np.repeat(rows.offset[piece], n) + j
-    out["inputs"][row, col] = tokens[src]
-    out["targets"][row, col] = tokens[src + 1]
+    if isinstance(tokens, np.ndarray):
+        out["inputs"][row, col] = tokens[src]
+        out["targets"][row, col] = tokens[src + 1]
+    else:  # a cache.TokenFile: read each piece's tokens (and the one after) by range
+        starts = rows.start[piece]
+        chunks = tokens.ranges(starts, starts + n + 1)
+        buf = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+        at = np.repeat(np.cumsum(n + 1) - (n + 1), n) + j
+        out["inputs"][row, col] = buf[at]
+        out["targets"][row, col] = buf[at + 1]
     out["positions"][row, col] = j
     out["segment_ids"][row, col] = np.repeat(rows.segment[piece], n)
     mask = np.ones(len(src), bool) if rows.first is None else j >= np.repeat(rows.first[piece], n)

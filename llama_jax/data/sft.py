@@ -34,7 +34,8 @@ import numpy as np
 
 from llama_jax.data import chat
 from llama_jax.data.config import DataConfig
-from llama_jax.data.sources import JSON_TYPES, Documents
+from llama_jax.data.files import JSON_TYPES
+from llama_jax.data.sources import Documents
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.data.tokens import TokenStream, stream_dtype
 from llama_jax.errors import DataError

@@ -1,19 +1,22 @@
-"""Documents of a split: TFDS datasets (random access) and local files; the train/eval leak check."""
+"""Where text comes from: documents of a split (TFDS datasets, random access; files, read into memory for
+small data), a source as shards (files, or ranges of a split's documents) for the token cache, and the
+train/eval leak check."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
+import functools
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
-from llama_jax.data.config import DataConfig
+from llama_jax.data import files
+from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.errors import DataError
 
 
@@ -37,6 +40,19 @@ class Documents:
     def from_texts(cls, texts: list[str], name: str = "texts") -> Documents:
         key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
         return cls(name, f"texts:{key}", len(texts), lambda lo, hi: iter(texts[lo:hi]))
+
+    @classmethod
+    def concat(cls, parts: list[Documents]) -> Documents:
+        """The documents of `parts`, one after another."""
+        ends = np.cumsum([len(p) for p in parts])
+
+        def read(lo: int, hi: int) -> Iterator:
+            for i, part in enumerate(parts):
+                a = int(ends[i]) - len(part)
+                if a < hi and lo < ends[i]:
+                    yield from part.read(max(lo, a) - a, min(hi, int(ends[i])) - a)
+
+        return cls(" + ".join(p.name for p in parts), "|".join(p.key for p in parts), int(ends[-1]), read)
 
 
 def tfds_builder(name: str, data_dir: str, manual_dir: str):
@@ -126,168 +142,154 @@ def tfds_documents(
     key = f"tfds:{builder.info.full_name}:{split}:{text_key}"
     return Documents(f"TFDS {builder.info.full_name} split {split!r}", key, len(source), read)
 
-
-def _expand_files(patterns: str, what: str) -> list[str]:
-    paths: list[str] = []
-    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
-        found = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not found:
-            raise DataError(f"{what}: no file matches {pattern!r}; check the path (relative to the cwd).")
-        paths += [p for p in found if os.path.isfile(p)]
-    if not paths:
-        raise DataError(f"{what} names no files: give comma-separated files or globs.")
-    return paths
-
-
-# JSON's names for the Python types json.loads returns, for messages about a field of the wrong type.
-JSON_TYPES = {
-    type(None): "null",
-    bool: "a boolean",
-    int: "a number",
-    float: "a number",
-    list: "an array",
-    dict: "an object",
-}
-
-
-def _read_text(path: str, what: str) -> str:
-    """The file's text as open(path, encoding="utf-8") reads it (universal newlines), but decoded from the
-    bytes in one piece so a bad byte is reported at its offset in the file (a text-mode read reports it
-    relative to an internal chunk)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason}). "
-            f"Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from {what}."
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _jsonl_objects(path: str, what: str, expect: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of every non-blank line; a line that is not a JSON object is a DataError at
-    path:line (`expect` says what the object should hold)."""
-    for lineno, line in enumerate(_read_text(path, what).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); each line of a .jsonl file "
-                "must be one JSON object. Fix or delete that line."
-            ) from e
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{path}:{lineno}: is {JSON_TYPES[type(record)]}, not a JSON object; each line of a .jsonl "
-                f"file must be one object with {expect}."
-            )
-        yield lineno, record
-
-
-def _jsonl_texts(path: str, text_key: str, what: str) -> Iterator[str]:
-    """The `text_key` string of every non-blank line; any bad line is a DataError at path:line."""
-    for lineno, record in _jsonl_objects(path, what, f"a {text_key!r} field"):
-        if text_key not in record:
-            raise DataError(
-                f"{path}:{lineno} has no field {text_key!r}; its fields are "
-                f"{sorted(record)}. Set --config.data.text_key."
-            )
-        text = record[text_key]
-        if not isinstance(text, str):
-            # A number or null would otherwise fail (or be silently str()-ed) deep in the tokenizer.
-            raise DataError(
-                f"{path}:{lineno}: field {text_key!r} is {JSON_TYPES[type(text)]}, not a string; "
-                "fix that record, or set --config.data.text_key to the field holding the text."
-            )
-        yield text
-
-
 def file_documents(patterns: str, *, text_key: str = "text", what: str = "data files") -> Documents:
-    """Documents of local files (read into memory): `.jsonl` = one per line (field `text_key`), other files =
-    one per file."""
-    paths = _expand_files(patterns, what)
-    texts: list[str] = []
-    for path in paths:
-        if path.endswith(".jsonl"):
-            texts += _jsonl_texts(path, text_key, what)
-        else:
-            texts.append(_read_text(path, what))
-    stats = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+    """Documents of shard files (llama_jax/data/files.py formats), read into memory: for small data, tokenizer
+    training and held-out files."""
+    infos = files.expand_files(patterns, what)
+    texts: list[str] = [t for info in infos for t in files.file_texts(info.path, text_key, what)]
+    stats = [(info.path, info.size, info.version) for info in infos]
     return Documents(
         f"files {patterns!r}", f"files:{stats}:{text_key}", len(texts), lambda lo, hi: iter(texts[lo:hi])
     )
 
 
 def record_documents(patterns: str, *, what: str = "data files") -> Documents:
-    """SFT records of local .jsonl files (read into memory): `read` yields ("path:line", object) pairs, which
+    """SFT records of .jsonl files (read into memory): `read` yields ("path:line", object) pairs, which
     llama_jax.data.sft checks and formats (data.format="sft")."""
-    paths = _expand_files(patterns, what)
+    infos = files.expand_files(patterns, what)
     records: list[tuple[str, dict]] = []
-    for path in paths:
-        if not path.endswith(".jsonl"):
+    for info in infos:
+        if files.format_of(info.path)[0] != "jsonl":
             raise DataError(
-                f"{path}: with data.format='sft', {what} must be .jsonl files of records (one JSON object "
+                f"{info.path}: with data.format='sft', {what} must be .jsonl files of records (one JSON object "
                 'a line: {"prompt": ..., "completion": ...} or {"messages": [...]}).'
             )
-        expect = '"messages", or "prompt" and "completion"'
-        records += [(f"{path}:{n}", r) for n, r in _jsonl_objects(path, what, expect)]
-    stats = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+        records += files.json_records(info.path, what, '"messages", or "prompt" and "completion"')
+    stats = [(info.path, info.size, info.version) for info in infos]
     return Documents(
         f"files {patterns!r}", f"sft-files:{stats}", len(records), lambda lo, hi: iter(records[lo:hi])
     )
 
 
-def documents_for_role(data_cfg: DataConfig, role: str) -> Documents:
-    """The training ("train") or held-out ("eval") documents `config.data` names (with data.format="sft",
-    ("path:line", record) pairs; see record_documents)."""
+# ---------------------------------------------------------------------- sources, in shards
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """A unit of tokenization and caching: one file, or a range of a split's documents."""
+
+    name: str  # the file's path or URL, or "DATASET[lo:hi]"
+    version: str  # "size:mtime" of a file (a change after caching is refused); "" for a range of a split
+    read: Callable[[], Iterator]  # its texts (SFT: ("path:line", record) pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The training or held-out text of one named source, in shards."""
+
+    name: str  # the data.sources name (or the one implicit source's)
+    description: str  # for messages: "TFDS tiny_shakespeare/1.0.0 split 'train'", "files 'gs://b/*.parquet'"
+    key: str  # what text this is (dataset or globs, split, text field): part of a cache's identity
+    shards: tuple[Shard, ...]
+
+    @classmethod
+    def from_documents(cls, docs: Documents, name: str = "", shard_docs: int = 100_000) -> Source:
+        """`docs` cut into shards of `shard_docs` documents (TFDS splits, in-memory texts)."""
+        n = len(docs)
+        shards = tuple(
+            Shard(f"{docs.name}[{lo}:{min(lo + shard_docs, n)}]", "",
+                  functools.partial(docs.read, lo, min(lo + shard_docs, n)))
+            for lo in range(0, n, shard_docs)
+        )
+        return cls(name or docs.name, docs.name, docs.key, shards)
+
+
+def _role_fields(cfg: SourceConfig, role: str) -> tuple[str, str]:
+    """(files, TFDS split) of a source for `role`, with the error for missing held-out files."""
     if role not in ("train", "eval"):
         raise ValueError(role)
-    if data_cfg.train_files:
-        files = data_cfg.train_files if role == "train" else data_cfg.eval_files
-        if not files:
-            raise DataError(
-                "with --config.data.train_files, held-out data must be named too: set "
-                "--config.data.eval_files (files not among the training files)."
-            )
+    if cfg.train_files and role == "eval" and not cfg.eval_files:
+        raise DataError(
+            "with --config.data.train_files, held-out data must be named too: set "
+            f"--config.data.eval_files (files not among the training files; source {cfg.name!r})."
+        )
+    if role == "train":
+        return cfg.train_files, cfg.train_split
+    return cfg.eval_files, cfg.eval_split
+
+
+def source_for_role(cfg: SourceConfig, data_cfg: DataConfig, role: str) -> Source:
+    """The shards of one source's training ("train") or held-out ("eval") text."""
+    patterns, split = _role_fields(cfg, role)
+    what = f"data.sources.{cfg.name}.{role}_files" if data_cfg.sources else f"data.{role}_files"
+    if data_cfg.format == "sft":
+        docs = record_documents(patterns, what=what)
+        return Source(cfg.name, docs.name, docs.key, (Shard(patterns, "", functools.partial(docs.read, 0, len(docs))),))
+    if patterns:
+        read = functools.partial(files.file_texts, text_key=cfg.text_key, what=what)
+        shards = tuple(Shard(i.path, f"{i.size}:{i.version}", functools.partial(read, i.path))
+                       for i in files.expand_files(patterns, what))
+        return Source(cfg.name, f"files {patterns!r}", f"files:{patterns}:{cfg.text_key}", shards)
+    docs = tfds_documents(cfg.tfds_name, split, text_key=cfg.text_key, data_dir=cfg.data_dir,
+                          manual_dir=cfg.manual_dir)
+    return Source.from_documents(docs, cfg.name, data_cfg.shard_docs)
+
+
+def source_documents(data_cfg: DataConfig, role: str) -> dict[str, Documents]:
+    """Each source's training ("train") or held-out ("eval") documents, in memory (with data.format="sft",
+    ("path:line", record) pairs; see record_documents). Held-out: a source of several without held-out
+    files has none."""
+    out = {}
+    for cfg in data_cfg.source_configs():
+        if role == "eval" and data_cfg.sources and cfg.train_files and not cfg.eval_files:
+            continue
+        patterns, split = _role_fields(cfg, role)
+        what = f"data.sources.{cfg.name}.{role}_files" if data_cfg.sources else f"data.{role}_files"
         if data_cfg.format == "sft":
-            return record_documents(files, what=f"data.{role}_files")
-        return file_documents(files, text_key=data_cfg.text_key, what=f"data.{role}_files")
-    return tfds_documents(
-        data_cfg.tfds_name,
-        data_cfg.train_split if role == "train" else data_cfg.eval_split,
-        text_key=data_cfg.text_key,
-        data_dir=data_cfg.data_dir,
-        manual_dir=data_cfg.manual_dir,
-    )
+            out[cfg.name] = record_documents(patterns, what=what)
+        elif patterns:
+            out[cfg.name] = file_documents(patterns, text_key=cfg.text_key, what=what)
+        else:
+            out[cfg.name] = tfds_documents(cfg.tfds_name, split, text_key=cfg.text_key, data_dir=cfg.data_dir,
+                                           manual_dir=cfg.manual_dir)
+    return out
+
+
+def documents_for_role(data_cfg: DataConfig, role: str) -> Documents:
+    """All sources' training or held-out documents (source_documents), one after another in name order."""
+    docs = list(source_documents(data_cfg, role).values())
+    if not docs:
+        raise DataError("no source names held-out data: set eval_files (or a TFDS eval_split) on a source.")
+    return docs[0] if len(docs) == 1 else Documents.concat(docs)
 
 
 def check_no_leak(data_cfg: DataConfig) -> None:
-    """Raise if the eval data overlaps the training data (same TFDS examples or the same local file)."""
-    if data_cfg.train_files:
-        if not data_cfg.eval_files:
-            return
-        # Real paths: a symlink (or a second path) to a training file is that training file.
-        train = {os.path.realpath(p) for p in _expand_files(data_cfg.train_files, "data.train_files")}
-        evals = {os.path.realpath(p) for p in _expand_files(data_cfg.eval_files, "data.eval_files")}
-        if train & evals:
-            raise DataError(
-                f"eval files are also training files: {sorted(train & evals)}; held-out data must not be "
-                "trained on. Split the data into separate files."
-            )
-        return
-    builder = tfds_builder(data_cfg.tfds_name, data_cfg.data_dir, data_cfg.manual_dir)
-    for s, a, b in _split_ranges(builder, data_cfg.train_split):
-        for t, c, d in _split_ranges(builder, data_cfg.eval_split):
-            if s == t and max(a, c) < min(b, d):
-                raise DataError(
-                    f"eval split {data_cfg.eval_split!r} overlaps train split {data_cfg.train_split!r} "
-                    f"(examples {max(a, c)}..{min(b, d) - 1} of {s!r}); use disjoint slices, e.g. "
-                    "train_split='train[:95%]', eval_split='train[95%:]'."
-                )
+    """Raise if any source's held-out data overlaps training data: the same TFDS examples, or the same file
+    (one source's held-out file may not be any source's training file)."""
+    seen: dict[str, set[str]] = {"train": set(), "eval": set()}
+    for cfg in data_cfg.source_configs():
+        if cfg.train_files:
+            for role, patterns in (("train", cfg.train_files), ("eval", cfg.eval_files)):
+                for info in files.expand_files(patterns, f"data.{role}_files") if patterns else []:
+                    # Real paths: a symlink (or a second path) to a training file is that training file.
+                    seen[role].add(info.path if files.is_remote(info.path) else os.path.realpath(info.path))
+            continue
+        builder = tfds_builder(cfg.tfds_name, cfg.data_dir, cfg.manual_dir)
+        for s, a, b in _split_ranges(builder, cfg.train_split):
+            for t, c, d in _split_ranges(builder, cfg.eval_split):
+                if s == t and max(a, c) < min(b, d):
+                    raise DataError(
+                        f"eval split {cfg.eval_split!r} overlaps train split {cfg.train_split!r} "
+                        f"(examples {max(a, c)}..{min(b, d) - 1} of {s!r}); use disjoint slices, e.g. "
+                        "train_split='train[:95%]', eval_split='train[95%:]'."
+                    )
+    both = sorted(seen["train"] & seen["eval"])
+    if both:
+        raise DataError(
+            f"eval files are also training files: {both}; held-out data must not be trained on. Split the "
+            "data into separate files."
+        )
 
 
-def no_text(docs: Documents) -> DataError:
-    return DataError(f"{docs.name} has no text (no documents, or only empty ones); choose another split.")
+def no_text(name: str) -> DataError:
+    return DataError(f"{name} has no text (no documents, or only empty ones); choose another split.")

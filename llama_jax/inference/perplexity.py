@@ -77,6 +77,28 @@ def evaluate(
     }
 
 
+def combine(results: dict[str, dict[str, float]], prefix: str = "eval/") -> dict[str, float]:
+    """Several held-out sets' results -> per-set keys (`eval/<name>/loss`, ...) and their total (`eval/loss`:
+    nats per token over all sets' tokens; bits/byte over all their bytes). One set: its keys unchanged."""
+    if len(results) == 1:
+        return dict(next(iter(results.values())))
+    out, nll, tokens, nbytes = {}, 0.0, 0.0, 0.0
+    for name, r in results.items():
+        out.update({f"{prefix}{name}/{k.removeprefix(prefix)}": v for k, v in r.items()})
+        nll += r[f"{prefix}loss"] * r[f"{prefix}tokens"]
+        tokens += r[f"{prefix}tokens"]
+        nbytes += r[f"{prefix}bytes"]
+    loss = nll / tokens
+    out.update({
+        f"{prefix}loss": loss,
+        f"{prefix}perplexity": math.exp(loss) if loss < _MAX_EXP_ARG else math.inf,
+        f"{prefix}bits_per_byte": nll / (nbytes * math.log(2)),
+        f"{prefix}tokens": tokens,
+        f"{prefix}bytes": nbytes,
+    })
+    return out
+
+
 def response_metrics(result: dict[str, float], prefix: str = "") -> dict[str, float]:
     """The loss, perplexity and bits/byte of `result` again as response_loss, response_perplexity,
     response_bits_per_byte: what an SFT evaluation with data.loss_on="responses" scores (its held-out

@@ -20,7 +20,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from llama_jax.data import EvalData, TrainData
 from llama_jax.errors import Interrupted, TrainingHalted
 from llama_jax.inference.exact_match import ExactMatch
-from llama_jax.inference.perplexity import evaluate, response_metrics
+from llama_jax.inference.perplexity import combine, evaluate, response_metrics
 from llama_jax.lock import WorkdirLock
 from llama_jax.train.metrics import MetricWriter
 from llama_jax.train.program import TrainProgram
@@ -222,23 +222,26 @@ class Evaluate(Hook):
 
     pauses_clock = True
 
-    def __init__(self, eval_data: EvalData, writer: MetricWriter, every: int, *, responses_only: bool = False,
-                 exact_match: ExactMatch | None = None):
-        self.eval_data, self.writer, self.every = eval_data, writer, every
+    def __init__(self, eval_sets: dict[str, EvalData], writer: MetricWriter, every: int, *,
+                 responses_only: bool = False, exact_match: ExactMatch | None = None):
+        self.eval_sets, self.writer, self.every = eval_sets, writer, every
         self.responses_only, self.exact_match = responses_only, exact_match
 
     def __call__(self, run: Run) -> None:
         program = run.program
-        rows = program.process_batch_slice(self.eval_data.batch_size)
-        result = evaluate(
-            program.eval_step, program.shard_batch, program.eval_params(run.state),
-            self.eval_data.batches(rows=rows), self.eval_data.num_bytes,
-        )
+        params = program.eval_params(run.state)
+        results = {}
+        for name, ev in self.eval_sets.items():
+            rows = program.process_batch_slice(ev.batch_size)
+            results[name] = evaluate(program.eval_step, program.shard_batch, params, ev.batches(rows=rows),
+                                     ev.num_bytes)
+        result = combine(results)  # several sets: eval/<set>/... and the total as eval/...
         if self.responses_only:
             result.update(response_metrics(result, "eval/"))
         if self.exact_match is not None:
+            batch_size = next(iter(self.eval_sets.values())).batch_size
             result.update(self.exact_match(program.model_params(run.state), program.model_config,
-                                           batch_size=self.eval_data.batch_size))
+                                           batch_size=batch_size))
         self.writer.write(run.done, result)
         run.last.update(result)
         scored = " (responses)" if self.responses_only else ""
@@ -256,8 +259,8 @@ class Log(Hook):
     progress bar's postfix. The first interval includes compilation, reported as a user sees it."""
 
     def __init__(self, writer: MetricWriter, every: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, progress: Progress | None):
-        self.writer, self.every, self.tokens_per_step = writer, every, tokens_per_step
+                 peak_flops: float, progress: Progress | None, seen: Callable[[int], dict] | None = None):
+        self.writer, self.every, self.tokens_per_step, self.seen = writer, every, tokens_per_step, seen
         self.flops_per_token, self.peak_flops, self.progress = flops_per_token, peak_flops, progress
         self._since, self._since_step = time.perf_counter(), 0
 
@@ -271,6 +274,8 @@ class Log(Hook):
         row = {f"train/{k}": v for k, v in metrics.items()}
         row["train/tokens_per_sec"] = tps
         row["train/mfu"] = tps * self.flops_per_token / self.peak_flops
+        if self.seen is not None:  # data/<source>/{epochs,tokens}: what each source has given so far
+            row.update(self.seen(run.done))
         self.writer.write(run.done, row)
         run.last.update(row, **{"train/logged_step": run.done})  # a stop between log steps reports it
         if self.progress is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax import checkpoint, distributed
-from llama_jax.data import EvalData, TrainData, chat, check_vocab
+from llama_jax.data import TrainData, chat, check_vocab, eval_sets
 from llama_jax.data.tokenizer import training_tokenizer
 from llama_jax.errors import CheckpointError
 from llama_jax.inference.exact_match import ExactMatch
@@ -116,7 +116,7 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
                                        seed=loop.seed)
     eval_data, exact_match = None, None
     if loop.eval_every:
-        eval_data = EvalData.from_config(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=exp.eval_batch_size)
+        eval_data = eval_sets(exp.data, tokenizer, seq_len=loop.seq_len, batch_size=exp.eval_batch_size)
         exact_match = _exact_match(exp, tokenizer)
     mngr = checkpoint.manager(workdir, max_to_keep=loop.keep_checkpoints or None,
                               keep_period=loop.keep_period or None, enable_async_checkpointing=True)
@@ -252,7 +252,8 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None) 
     out: list[hooks.Hook] = [guard]
     if loop.profile_steps and main:
         out.append(hooks.Profile(hooks.profile_dir(workdir), loop.profile_start, loop.profile_steps))
-    out.append(hooks.Log(writer, loop.log_every, tokens_per_step, flops_per_token, peak, progress))
+    out.append(hooks.Log(writer, loop.log_every, tokens_per_step, flops_per_token, peak, progress,
+                         seen=train_data.seen))
     save = hooks.Checkpoint(mngr, train_data, loop.checkpoint_every, guard)
     out.append(save)
     if eval_data is not None:

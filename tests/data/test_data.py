@@ -47,8 +47,8 @@ def int_docs(doc_lengths):
 
 
 def int_train(doc_lengths, *, seq_len, batch_size, seed=0, **options):
-    return data.TrainData(int_docs(doc_lengths), IntTokenizer(), data.DataConfig(**options), seq_len=seq_len,
-                          batch_size=batch_size, seed=seed)
+    return data.TrainData.from_documents(int_docs(doc_lengths), IntTokenizer(), data.DataConfig(**options),
+                                         seq_len=seq_len, batch_size=batch_size, seed=seed)
 
 
 def int_stream(doc_lengths, **options):
@@ -101,28 +101,28 @@ def flat_rows(train, steps):
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def epoch_rows(train):
-    """Rows per epoch, tokenizing every window to learn it."""
-    return sum(train.window_row_count(w) for w in range(len(train.windows)))
-
-
 # ---------------------------------------------------------------------------------------------- epochs
 
 
-@pytest.mark.parametrize("window_docs", [0, 2])
+# Shards of 2 documents, shuffled 2 at a time (windows of 2 shards), or one shard of all documents.
+SHARDINGS = [{}, dict(shard_docs=2, shuffle_shards=2)]
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
 @pytest.mark.parametrize("packing", ["concat", "packed"])
-def test_every_token_is_a_target_exactly_once_per_epoch(packing, window_docs):
+def test_every_token_is_a_target_exactly_once_per_epoch(packing, sharding):
     lengths = [5, 1, 40, 0, 17, 9, 3]
-    train = int_train(lengths, seq_len=8, batch_size=3, seed=1, packing=packing, window_docs=window_docs)
-    assert len(train.windows) == (1 if window_docs == 0 else 4)
+    train = int_train(lengths, seq_len=8, batch_size=3, seed=1, packing=packing, **sharding)
+    src = train.sources["docs"]
+    assert len(src.shards) == (1 if not sharding else 4) and len(src.windows) == (1 if not sharding else 2)
     expected = []
-    for lo, hi in train.windows:
-        w = data.tokenize(train.docs, IntTokenizer(), lo=lo, hi=hi)
+    for shard in src.shards:
+        w = shard.stream()
         tokens = np.asarray(w.tokens)
-        # concat: all but the window's first token; packed: all but each document's first (its BOS).
+        # concat: all but the shard's first token; packed: all but each document's first (its BOS).
         expected.append(tokens[1:] if packing == "concat" else np.delete(tokens, w.doc_starts[:-1]))
     expected = np.sort(np.concatenate(expected))
-    R = epoch_rows(train)
+    R = train.rows_per_epoch
     got = flat_rows(train, steps=R + 1)  # 3R + 3 rows: a bit more than 3 epochs
     pairs = np.concatenate([train.rows_for_step(s, 0, 1) for s in range(R + 1)])
     for e in range(3):
@@ -139,7 +139,7 @@ def test_every_token_is_a_target_exactly_once_per_epoch(packing, window_docs):
         assert len({tuple(p) for p in pairs[sl]}) == R
     # The order differs between epochs, and with the seed.
     assert not np.array_equal(pairs[:R], pairs[R : 2 * R])
-    other = int_train(lengths, seq_len=8, batch_size=3, seed=2, packing=packing, window_docs=window_docs)
+    other = int_train(lengths, seq_len=8, batch_size=3, seed=2, packing=packing, **sharding)
     assert not np.array_equal(
         np.concatenate([other.rows_for_step(s, 0, 1) for s in range(R // 3)]), pairs[: R // 3 * 3]
     )
@@ -149,21 +149,13 @@ def test_rows_per_epoch_and_the_epoch_layout():
     train = int_train([100], seq_len=10, batch_size=4)  # 102 tokens: 101 targets
     assert train.rows_per_epoch == 11  # ceil(101 / 10); the last row has 1 target and 9 padded positions
     assert train.steps_per_epoch == 11 / 4
-    rows = np.concatenate([train.rows_for_step(s, 0, 1)[:, 1] for s in range(11)])  # 44 = 4 epochs exactly
+    rows = np.concatenate([train.rows_for_step(s, 0, 1)[:, 2] for s in range(11)])  # 44 = 4 epochs exactly
     for e in range(4):
         assert sorted(rows[e * 11 : (e + 1) * 11]) == list(range(11))
-    stream, window_rows = train.window(0)
+    stream, window_rows = train.sources["docs"].shard(0)
     last = data.gather(stream.tokens, window_rows, np.array([10]), pad_id=2)
     assert last["loss_mask"][0].tolist() == [1] + [0] * 9
     assert last["segment_ids"][0].tolist() == [1] + [0] * 9
-
-
-def test_windows_are_tokenized_lazily():
-    train = int_train([30] * 10, seq_len=8, batch_size=2, window_docs=3)  # windows of 3, 3, 3, 1 docs
-    assert train.rows_per_epoch is None and train.known_row_counts == {}
-    train.batch_for_step(0, 0, 1)
-    assert 1 <= len(train.known_row_counts) <= 2  # the first window in epoch 0's order (+ the next, in background)
-    assert train.rows_per_epoch is None
 
 
 def test_packed_segments_positions_and_padding():
@@ -199,15 +191,15 @@ def _hash(batch):
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("window_docs", [0, 2])
-def test_resume_replays_the_same_batches_across_an_epoch_boundary(window_docs):
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_resume_replays_the_same_batches_across_an_epoch_boundary(sharding):
     lengths = [7, 30, 12, 4, 25]
-    opts = dict(seq_len=6, batch_size=3, seed=5, packing="packed", window_docs=window_docs)
+    opts = dict(seq_len=6, batch_size=3, seed=5, packing="packed", **sharding)
     train = int_train(lengths, **opts)
     n = 15
     with train.iterator(0) as it:
         straight = [_hash(next(it)) for _ in range(n)]
-    boundary = int(np.ceil(epoch_rows(train) / 3))
+    boundary = int(np.ceil(train.rows_per_epoch / 3))
     assert 3 < boundary < n - 3  # steps 0..14 cross an epoch boundary
     for k in (2, boundary - 1, boundary, boundary + 2):
         with int_train(lengths, **opts).iterator(0, prefetch=0) as it:
@@ -217,8 +209,7 @@ def test_resume_replays_the_same_batches_across_an_epoch_boundary(window_docs):
         assert state["step"] == k
         with int_train(lengths, **opts).iterator(state) as resumed:
             assert [_hash(next(resumed)) for _ in range(n - k)] == straight[k:]
-        # Without the saved window counts, the batch is still the same (windows are re-tokenized to find it).
-        assert _hash(int_train(lengths, **opts).batch_for_step(k)) == straight[k]
+        assert _hash(int_train(lengths, **opts).batch_for_step(k)) == straight[k]  # a pure function of k
 
 
 def test_resume_with_a_different_data_config_is_refused():
@@ -232,11 +223,9 @@ def test_resume_with_a_different_data_config_is_refused():
 # ---------------------------------------------------------------------------------------------- multi-host
 
 
-@pytest.mark.parametrize("window_docs", [0, 1])
-def test_two_hosts_read_disjoint_rows_that_make_the_global_batch(window_docs):
-    train = int_train(
-        [50, 20, 33], seq_len=8, batch_size=4, seed=3, packing="packed", window_docs=window_docs
-    )
+@pytest.mark.parametrize("sharding", [{}, dict(shard_docs=1, shuffle_shards=1)])
+def test_two_hosts_read_disjoint_rows_that_make_the_global_batch(sharding):
+    train = int_train([50, 20, 33], seq_len=8, batch_size=4, seed=3, packing="packed", **sharding)
     for step in (0, 5, 17):
         whole = train.batch_for_step(step, 0, 1)
         parts = [train.batch_for_step(step, p, 2) for p in range(2)]
@@ -334,17 +323,19 @@ def test_bytes_are_exact_for_multibyte_text_and_many_documents(tmp_path):
 # ---------------------------------------------------------------------------------------------- sources
 
 
-def test_tiny_shakespeare_train_split_gives_many_windows(tfds_cfg, tmp_path):
+def test_tiny_shakespeare_train_split_through_the_token_cache(tfds_cfg, tmp_path):
     c = tfds_cfg.copy_and_resolve_references()
+    in_memory = train_data(c)
     c.data.cache_dir = str(tmp_path / "cache")
-    train = train_data(c)
-    stream, _ = train.window(0)
-    assert stream.num_docs == 1
+    train = train_data(c)  # builds the cache
+    stream, _ = train.sources["tiny_shakespeare"].shard(0)
+    assert stream.num_docs == 1 and isinstance(stream.tokens, data.TokenFile)  # read by range, not loaded
     n = len(stream.tokens)
     assert train.rows_per_epoch == -(-(n - 1) // c.seq_len) > 30_000
-    cached = train_data(c)  # second time: read back from the cache, memory-mapped
-    assert isinstance(cached.window(0)[0].tokens, np.memmap)
-    assert _hash(cached.batch_for_step(123)) == _hash(train.batch_for_step(123))
+    cached = train_data(c)  # second time: read back from the cache
+    for step in (0, 123):
+        assert _hash(cached.batch_for_step(step)) == _hash(train.batch_for_step(step))
+        assert _hash(in_memory.batch_for_step(step)) == _hash(train.batch_for_step(step))
     assert train.batch_for_step(0)["inputs"].shape == (c.batch_size, c.seq_len)
 
 
@@ -355,7 +346,7 @@ def test_local_text_and_jsonl_files(tmp_path):
     c = config(train_files=str(tmp_path / "*.txt"), eval_files=str(tmp_path / "e.jsonl"), text_key="body")
     c.seq_len = 4
     train = train_data(c)
-    assert train.window(0)[0].doc_bytes.tolist() == [29, 7]
+    assert [s.shard(i)[0].doc_bytes.tolist() for s in train.sources.values() for i in (0, 1)] == [[29], [7]]
     ev = eval_data(c)
     assert ev.stream.num_docs == 2 and ev.num_bytes == len("held out") + len("docs")
 
@@ -363,7 +354,8 @@ def test_local_text_and_jsonl_files(tmp_path):
 def test_split_slices_and_leak_check(tfds_cfg):
     c = tfds_cfg.copy_and_resolve_references()
     c.data.train_split, c.data.eval_split = "train+test", "validation"
-    assert len(train_data(c).docs) == 2
+    assert len(train_data(c).sources["tiny_shakespeare"].shards) == 1  # train and test: 2 documents
+    assert data.documents_for_role(Experiment.from_config(c).data, "train").num_docs == 2
     c.data.eval_split = "test"
     with pytest.raises(errors.DataError, match="overlaps train split"):
         eval_data(c)

@@ -335,6 +335,7 @@ def test_inspect_data_command(tmp_path):
     )
     lines = r.stdout.splitlines()
     chat_len = len(chat.ChatTemplate("c", chat.CHATML).render(CHAT[0]["messages"]).encode())  # bytes = tokens
+    assert lines[0].startswith("source 'files': ")
     assert lines[1] == f"row 0: 1 segment(s), {chat_len - 1} of 128 positions, 26 trained"
     assert lines[2].startswith(f"  seg 1 ({chat_len} tokens, 26 trained): <·|·i·m·_·s·t·a·r·t·|·>·s·y·s")
     assert "<|im_start|>assistant\\n⟦A king, my lord.<|im_end|>⟧\\n" in lines[2].replace("·", "")
