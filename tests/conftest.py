@@ -1,8 +1,11 @@
 """Test setup: the CPU with 8 emulated devices (set before jax is imported) and the shared tiny-shakespeare data."""
 
+import itertools
+import logging
 import os
 import pathlib
 import shutil
+import socket
 
 # 8 emulated devices share 2 cores: on a loaded machine a collective's 8 threads can take longer than
 # XLA:CPU's default 40 s to meet, and it then aborts the process (seen in a sweep's eval step).
@@ -82,3 +85,38 @@ def hf_tiny_workdir(tmp_path_factory, shakespeare_path) -> pathlib.Path:
     tok.save(str(root / "hf" / "tokenizer.json"))
     hf.import_to_workdir(root / "hf", root / "workdir")
     return root / "workdir"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A Google Cloud Storage API on localhost (gcp-storage-emulator, in memory), for the whole session: sets
+    STORAGE_EMULATOR_HOST, which gcsfs (and so every gs:// path here, subprocesses too) then talks to.
+    Yields a function that makes a fresh bucket and returns its gs:// URL."""
+    import gcsfs
+    from gcp_storage_emulator.server import create_server
+
+    # gcsfs warns on every bucket that it cannot ask an emulator (no credentials) for the bucket's type.
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    count = itertools.count()
+
+    def bucket() -> str:
+        name = f"bucket{next(count)}"
+        gcsfs.GCSFileSystem().mkdir(name)
+        return f"gs://{name}"
+
+    yield bucket
+    server.stop()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST")
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old

@@ -57,6 +57,10 @@ class Mixture:
 
     def __init__(self, names: list[str], stages, *, batch_size: int, block: int, seed: int):
         self.names, self.block, self.seed = list(names), int(block), int(seed)
+        self._lock = threading.Lock()
+        self._blocks: collections.OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = (
+            collections.OrderedDict()
+        )
         self.starts = np.array([step * batch_size for step, _ in stages], np.int64)  # first sample per stage
         self.counts = []  # per stage: rows per block per source
         for step, weights in stages:
@@ -71,10 +75,6 @@ class Mixture:
         self.bases = [np.zeros(len(self.names), np.int64)]
         for j in range(1, len(self.counts)):
             self.bases.append(self.bases[-1] + self._consumed_in_stage(j - 1, self.starts[j] - self.starts[j - 1]))
-        self._lock = threading.Lock()
-        self._blocks: collections.OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = (
-            collections.OrderedDict()
-        )
 
     def _block(self, stage: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, rank among that source's positions) of each position of block b of a stage."""
