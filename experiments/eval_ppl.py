@@ -12,6 +12,10 @@
     # an SFT fine-tune: loss on held-out responses (response_loss, ...) and greedy exact match on 200 records
     python -m experiments.eval_ppl --workdir=DIR --config.data.exact_match_records=200
 
+A workdir trained on several sources (data.sources) scores each source's held-out set and prints a table,
+a row per source and their total (nats/token over all sets' tokens, bits/byte over all their bytes); the
+JSON line then holds the total and "sets": {source: {...}}.
+
 Prints a final JSON line {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}
 (strict JSON: a non-finite value is null and listed under "nonfinite", and the exit status is then 1);
 a progress bar over the eval batches goes to stderr (in a log file, a line a minute).
@@ -76,6 +80,12 @@ def main(argv):
         mesh=cli.mesh(default_data=-1),  # data parallel over every device unless asked
     )
     if distributed.is_main_process():
+        if "sets" in result:  # one row per held-out set (source), then their total
+            print(f"{'set':16s} {'tokens':>10s} {'bytes':>11s} {'nats/token':>10s} {'perplexity':>10s} "
+                  f"{'bits/byte':>9s}", file=sys.stderr)
+            for name, r in [*result["sets"].items(), ("total", result)]:
+                print(f"{name:16s} {r['tokens']:10.0f} {r['bytes']:11.0f} {r['loss']:10.4f} {r['perplexity']:10.3f} "
+                      f"{r['bits_per_byte']:9.4f}", file=sys.stderr)
         scored = " (responses only)" if "response_loss" in result else ""
         exact = (f", exact match {result['exact_match']:.3f} of {result['exact_match_records']:.0f} records"
                  if "exact_match" in result else "")

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from llama_jax import checkpoint, distributed, sharding
-from llama_jax.data import DataConfig, documents_for_role, eval_windows, text_file_documents
+from llama_jax.data import DataConfig, eval_windows, source_documents, text_file_documents
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
@@ -220,10 +220,18 @@ def evaluate_workdir(
     if not batch_size:
         batch_size = int(d.eval_batch_size or experiment.get("batch_size", 0) or shards)
         batch_size = -(-batch_size // shards) * shards
-    docs = docs or documents_for_role(d, "eval")
-    eval_data = eval_windows(docs, tokenizer, d, seq_len=seq_len, batch_size=batch_size, stride=stride)
-    # A long text takes minutes: show a bar (the train loop's eval hook does not; it has its own bar).
-    result = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment), progress=True)
+    sets = {"text_file": docs} if docs is not None else source_documents(d, "eval")
+    results, names = {}, {}
+    for name, set_docs in sets.items():
+        eval_data = eval_windows(set_docs, tokenizer, d, seq_len=seq_len, batch_size=batch_size, stride=stride)
+        # A long text takes minutes: show a bar (the train loop's eval hook does not; it has its own bar).
+        r = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment), progress=True)
+        results[name] = {f"eval/{k}": v for k, v in r.items()}
+        names[name] = set_docs.name
+    result = {k.removeprefix("eval/"): v for k, v in combine(results).items()}
+    if len(results) > 1:  # several held-out sets (one per source): each, and their total above
+        result["sets"] = {n: {"data": names[n], **{k.removeprefix("eval/"): v for k, v in r.items()}}
+                          for n, r in results.items()}
     if d.format == "sft" and d.loss_on == "responses" and not text_file:
         result.update(response_metrics(result))  # only held-out responses were scored: say so by name
     if d.exact_match_records and not text_file:
@@ -231,7 +239,7 @@ def evaluate_workdir(
         scores = exact(params, model_config, batch_size=batch_size)
         result.update({k.removeprefix("eval/"): v for k, v in scores.items()})
     result.update(
-        data=docs.name, seq_len=seq_len, stride=stride, packing=d.packing, batch_size=batch_size,
+        data=" + ".join(names.values()), seq_len=seq_len, stride=stride, packing=d.packing, batch_size=batch_size,
         step=checkpoint.latest_step(workdir_path) if step is None else step,
     )
     return result

@@ -13,6 +13,7 @@ import pytest
 
 from llama_jax import data, errors
 from llama_jax.experiment import base_config
+from llama_jax.inference import evaluate_workdir
 from tests.data.test_files import write_shard
 from tests.helpers import train_config
 
@@ -63,6 +64,12 @@ def test_train_from_bucket_shards_and_a_bucket_cache(tmp_path, gcs_emulator):
     logged = [r for r in rows if "data/web/tokens" in r][-1]
     assert logged["data/web/tokens"] == 3 * logged["data/books/tokens"] == 4 * 6 * 32  # 6 of 8 rows a step
     assert logged["data/books/epochs"] > 0
+    # experiments.eval_ppl's function scores each source's held-out set as the training run did.
+    result = evaluate_workdir(tmp_path / "run")
+    assert sorted(result["sets"]) == ["books", "web"]
+    for key in ("loss", "bits_per_byte", "tokens"):
+        assert result[key] == pytest.approx(ev[f"eval/{key}"], rel=1e-5)
+        assert result["sets"]["web"][key] == pytest.approx(ev[f"eval/web/{key}"], rel=1e-5)
     # The caches live in the bucket, one per source and role.
     for name, shards in (("web", 3), ("books", 2)):
         assert len(fs.glob(f"{bucket}/cache/{name}/train/shard-*.done.json")) == shards
