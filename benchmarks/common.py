@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+import pathlib
 import platform
 import statistics
 import tempfile
@@ -162,3 +163,26 @@ def emit_json(figures: dict[str, object]) -> None:
         return v
 
     print(json.dumps({k: clean(v) for k, v in figures.items()}), flush=True)
+
+
+def synthetic_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> None:
+    """Random documents of Zipf-distributed pseudo-words with punctuation and line breaks, as .jsonl."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    freq = 1.0 / np.arange(1, 27) ** 0.8
+    lengths = rng.integers(1, 11, size=30_000)
+    words = np.array(["".join(rng.choice(letters, n, p=freq / freq.sum())) for n in lengths])
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    target = int(size_mb * 1e6)
+    written = 0
+    with open(path, "w") as f:
+        while written < target:
+            idx = rng.choice(len(words), size=int(rng.integers(200, 4000)), p=p)
+            tokens = words[idx].astype(object)
+            tokens[rng.random(len(idx)) < 0.08] += ","
+            tokens[rng.random(len(idx)) < 0.05] += ".\n"
+            text = " ".join(tokens)
+            line = json.dumps({"text": text}) + "\n"
+            f.write(line)
+            written += len(text.encode())

@@ -247,6 +247,8 @@ class Evaluate(Hook):
         scored = " (responses)" if self.responses_only else ""
         message = (f"step {run.done}: eval loss{scored} {result['eval/loss']:.4f}, bits/byte "
                    f"{result['eval/bits_per_byte']:.4f}")
+        if len(results) > 1:
+            message += " (" + ", ".join(f"{n} {result[f'eval/{n}/loss']:.4f}" for n in results) + ")"
         if "eval/exact_match" in result:
             message += f", exact match {result['eval/exact_match']:.3f} of {int(result['eval/exact_match_records'])}"
         if log.isEnabledFor(logging.INFO):
