@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from llama_jax.data import files
 from llama_jax.data.config import DataConfig, SourceConfig
@@ -55,8 +54,17 @@ class Documents:
         return cls(" + ".join(p.name for p in parts), "|".join(p.key for p in parts), int(ends[-1]), read)
 
 
+def _tfds():
+    """tensorflow_datasets, imported on first use: training from local files (data.train_files) needs no
+    TFDS, and GPU images often ship without it (seen on a CUDA image with jax and flax but no TFDS)."""
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
 def tfds_builder(name: str, data_dir: str, manual_dir: str):
     """The prepared array_record builder for `name`, building it first if needed (offline with manual_dir)."""
+    tfds = _tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -104,6 +112,7 @@ def tfds_builder(name: str, data_dir: str, manual_dir: str):
 
 def _split_ranges(builder, split: str) -> list[tuple[str, int, int]]:
     """(split name, from, to) example ranges a TFDS split string selects, validated."""
+    tfds = _tfds()
     try:
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
     except (ValueError, KeyError) as e:

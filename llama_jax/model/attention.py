@@ -9,14 +9,18 @@ Kernels (`model.attention_impl`):
 - "xla": einsum + f32 softmax; runs everywhere. Without a cache it is `causal_attention`, which skips
   fully masked blocks; `xla_attention`, the dense masked form, is the reference every kernel is tested
   against.
-- "dot_product": `jax.nn.dot_product_attention`, which dispatches to cuDNN flash attention on GPUs.
+- "dot_product": `jax.nn.dot_product_attention`. Compiled for a GPU with bf16/fp16 compute it resolves to
+  "cudnn"; elsewhere (or in f32) it is that function's XLA implementation.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention (GPU only;
+  bf16/fp16). Named explicitly because jax's default implementation (None) is XLA's, not cuDNN's: it
+  materializes every [q_len, kv_len] score matrix in f32.
 - "splash": Pallas splash attention, compiled by Mosaic for TPU.
 - "splash_interpret": the same kernel in Pallas interpret mode, on any backend: tests on CPU verify the
   exact kernel a TPU user runs.
-- "auto": splash on TPU, dot_product on GPU, xla on CPU.
-"auto" and "splash" are resolved for the platform the step is *compiled for* (`for_platform`, called
-with the mesh's devices), not the host's runtime backend: compiling ahead of time for a TPU topology on a
-CPU host must produce the TPU kernel.
+- "auto": splash on TPU, cudnn on GPU (dot_product in f32), xla on CPU.
+"auto", "dot_product" and "splash" are resolved for the platform the step is *compiled for*
+(`for_platform`, called with the mesh's devices), not the host's runtime backend: compiling ahead of time
+for a TPU topology on a CPU host must produce the TPU kernel.
 Splash needs sequence lengths that are multiples of 128; other lengths take the xla path.
 Decoding with a KV cache always uses `cached_attention` (XLA): a handful of query tokens gains nothing
 from a flash kernel.
@@ -40,10 +44,17 @@ from llama_jax.model.rope import apply_rope, inverse_frequencies
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def resolve_impl(impl: str, platform: str) -> str:
-    """The kernel `impl` means on `platform` ("tpu", "gpu", "cpu"): auto picks, splash off-TPU interprets."""
+# Compute dtypes cuDNN's fused attention takes (it refuses f32).
+CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def resolve_impl(impl: str, platform: str, dtype: str = "bfloat16") -> str:
+    """The kernel `impl` means on `platform` ("tpu", "gpu", "cpu") with compute `dtype`: auto picks,
+    dot_product on a GPU in bf16/fp16 is cuDNN's, splash off-TPU interprets."""
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "dot_product"}.get(platform, "xla")
+    if impl == "dot_product" and platform == "gpu" and dtype in CUDNN_DTYPES:
+        impl = "cudnn"
     if impl == "splash" and platform != "tpu":
         impl = "splash_interpret"
     return impl
@@ -52,7 +63,7 @@ def resolve_impl(impl: str, platform: str) -> str:
 def for_platform(config: ModelConfig, platform: str) -> ModelConfig:
     """`config` with its attention kernel resolved for `platform` (the compile target's, e.g.
     `mesh.devices.flat[0].platform`). Every jitted program builds its model from this."""
-    return config.replace(attention_impl=resolve_impl(config.attention_impl, platform))
+    return config.replace(attention_impl=resolve_impl(config.attention_impl, platform, config.dtype))
 
 
 def make_mask(q_slots, k_slots, q_segment_ids, k_segment_ids):
@@ -170,13 +181,18 @@ def cached_attention(q, k, v, k_buf, v_buf, q_slots, segment_ids, k_segment_ids,
     return _from_rows(out, q_slots.shape[0])  # [batch, seq, heads, head_dim]
 
 
-def dot_product_attention(q, k, v, segment_ids):
-    """jax.nn.dot_product_attention (cuDNN on GPU); causal, with a segment mask only when packing."""
+def dot_product_attention(q, k, v, segment_ids, implementation: str | None = None):
+    """jax.nn.dot_product_attention; causal, with a segment mask only when packing.
+
+    implementation: None (jax's default, which is XLA's) or "cudnn" (cuDNN flash attention, GPU only; a
+    segment mask reaches it as an additive bias).
+    """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [batch, 1, q_len, kv_len]
     # q is pre-scaled, hence scale=1.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=1.0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=1.0,
+                                        implementation=implementation)
 
 
 SPLASH_BLOCK_MULTIPLE = 128
@@ -296,14 +312,15 @@ class Attention(nn.Module):
         else:
             impl = cfg.attention_impl
             if impl == "auto":  # a direct Llama.apply, not a program built by for_platform: the runtime's
-                impl = resolve_impl(impl, jax.default_backend())
+                impl = resolve_impl(impl, jax.default_backend(), cfg.dtype)
             if impl.startswith("splash") and seq % SPLASH_BLOCK_MULTIPLE:
                 impl = "xla"  # the kernel tiles the sequence in blocks of 128 (e.g. init's 1-token call)
             if impl == "xla":
                 seg = segment_ids if segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
                 out = causal_attention(q, k, v, seg)
-            elif impl == "dot_product":
-                out = dot_product_attention(q, k, v, segment_ids)
+            elif impl in ("dot_product", "cudnn"):
+                cudnn = "cudnn" if impl == "cudnn" else None
+                out = dot_product_attention(q, k, v, segment_ids, implementation=cudnn)
             else:
                 out = splash_attention(q, k, v, segment_ids, interpret=impl == "splash_interpret")
         out = checkpoint_name(out, "attn_out")

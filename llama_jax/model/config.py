@@ -24,7 +24,7 @@ MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 POSITIONS = ("rope", "none")
 ROPE_SCALINGS = ("none", "llama3")
-ATTENTION_IMPLS = ("auto", "xla", "dot_product", "splash", "splash_interpret")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash", "splash_interpret")
 # What each remat policy keeps in memory for the backward pass, by the names the block gives its
 # activations (`checkpoint_name`): everything else in a layer is recomputed. Every policy keeps each
 # layer's input (the residual stream). Per layer and token, in units of `dim` elements (Llama-3-8B:

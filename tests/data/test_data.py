@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -349,6 +350,33 @@ def test_local_text_and_jsonl_files(tmp_path):
     assert [s.shard(i)[0].doc_bytes.tolist() for s in train.sources.values() for i in (0, 1)] == [[29], [7]]
     ev = eval_data(c)
     assert ev.stream.num_docs == 2 and ev.num_bytes == len("held out") + len("docs")
+
+
+def test_local_files_train_without_tfds(tmp_path):
+    """Local files need no TensorFlow Datasets: the package imports and batches text with TFDS missing (a
+    GPU image with jax and flax but no TFDS, as on the H200 the GPU config was measured on)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "train.txt").write_text("to be or not to be " * 50)
+    (tmp_path / "eval.txt").write_text("that is the question")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["tensorflow_datasets"] = None  # any import of it raises ImportError
+        from llama_jax import data
+        from llama_jax.experiment import Experiment, base_config
+        import llama_jax.train
+        c = base_config("tiny")
+        c.seq_len, c.batch_size = 16, 2
+        c.data.train_files, c.data.eval_files = {str(tmp_path / "train.txt")!r}, {str(tmp_path / "eval.txt")!r}
+        exp = Experiment.from_config(c)
+        tok = data.load_tokenizer(exp.data.tokenizer)
+        batch = data.TrainData.from_config(exp.data, tok, seq_len=16, batch_size=2, seed=0).batch_for_step(0)
+        assert batch["inputs"].shape == (2, 16)
+        assert "tensorflow_datasets" not in [m for m, v in sys.modules.items() if v is not None]
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[2])
 
 
 def test_split_slices_and_leak_check(tfds_cfg):

@@ -158,12 +158,39 @@ def test_attention_impl_follows_the_compile_target():
     """Resolved for the platform a program is compiled for: an ahead-of-time TPU compile on a CPU host
     gets the Mosaic kernel, a CPU run the interpreted one."""
     assert resolve_impl("auto", "tpu") == "splash"
-    assert resolve_impl("auto", "gpu") == "dot_product"
+    assert resolve_impl("auto", "gpu") == "cudnn"
     assert resolve_impl("auto", "cpu") == "xla"
     assert resolve_impl("xla", "tpu") == "xla"
     assert resolve_impl("splash", "tpu") == "splash"
     assert resolve_impl("splash", "cpu") == "splash_interpret"
     assert for_platform(TINY.replace(attention_impl="auto"), "tpu").attention_impl == "splash"
+    # jax.nn.dot_product_attention's default implementation is XLA's even on a GPU: cuDNN must be asked
+    # for, and it takes bf16/fp16 only.
+    assert resolve_impl("dot_product", "gpu", "bfloat16") == "cudnn"
+    assert resolve_impl("dot_product", "gpu", "float32") == "dot_product"
+    assert resolve_impl("auto", "gpu", "float32") == "dot_product"
+    assert resolve_impl("dot_product", "cpu") == "dot_product"
+    assert for_platform(TINY.replace(attention_impl="dot_product", dtype="bfloat16"), "gpu").attention_impl == "cudnn"
+
+
+def test_cudnn_impl_asks_jax_for_cudnn(monkeypatch):
+    """attention_impl=cudnn passes implementation='cudnn' (what configs/llama3_2_1b_gpu.py runs on a GPU);
+    dot_product leaves jax's default. Checked on CPU by recording the calls and running XLA's version."""
+    real, seen = jax.nn.dot_product_attention, []
+
+    def spy(*args, implementation=None, **kwargs):
+        seen.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    params = init_params(TINY, jax.random.key(0))
+    tok = _tokens(2, 16)
+    ref = Llama(TINY.replace(attention_impl="xla")).apply({"params": params}, tok)
+    for impl, want in (("cudnn", "cudnn"), ("dot_product", None)):
+        seen.clear()
+        got = Llama(TINY.replace(attention_impl=impl)).apply({"params": params}, tok)
+        assert seen == [want] * TINY.num_layers
+        np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize(("features", "num_contract", "bias"), [(12, 1, False), ((3, 4), 1, True), (6, 2, True)])
