@@ -47,7 +47,7 @@ def write_shards(jsonl: pathlib.Path, out: pathlib.Path, shard_mb: float, copies
     lines = jsonl.read_bytes().splitlines(keepends=True)
     cctx = zstandard.ZstdCompressor(level=3)
     n, buf = 0, []
-    for c in range(copies):
+    for _c in range(copies):
         for line in lines:
             buf.append(line)
             if sum(map(len, buf)) >= shard_mb * 1e6:

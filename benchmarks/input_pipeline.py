@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 from benchmarks.common import synthetic_corpus

@@ -72,7 +72,7 @@ def expand_files(patterns: str, what: str) -> list[FileInfo]:
         fs, root = filesystem(pattern)
         try:
             found = fs.glob(root, detail=True) if fs.exists(root) or glob_chars(root) else {}
-        except Exception as e:  # noqa: BLE001 - each filesystem raises its own types; all get named
+        except Exception as e:
             raise access_error(pattern, e, what) from e
         files = sorted((p, i) for p, i in found.items() if i.get("type") != "directory")
         if not files:
@@ -108,7 +108,7 @@ def open_file(path: str, what: str, mode: str = "rb"):
         return fs.open(p, mode)
     except FileNotFoundError:
         raise DataError(f"{what}: {path} no longer exists (was it deleted or renamed?).") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise access_error(path, e, what) from e
 
 
@@ -234,7 +234,7 @@ def json_records(path: str, what: str, expect: str) -> Iterator[tuple[str, dict]
         stream = _decompressed(raw, comp)
         offset, lineno = 0, 0
         try:
-            for lineno, line in enumerate(stream, 1):  # noqa: B007 - lineno is read after the loop too
+            for lineno, line in enumerate(stream, 1):
                 record = parse_json_line(_decode(line, path, offset, what), f"{path}:{lineno}", expect)
                 offset += len(line)
                 if record is not None:
@@ -280,7 +280,7 @@ def _array_record_texts(path: str, text_key: str, what: str) -> Iterator[str]:
         try:
             reader = ArrayRecordReader(local)
             n = reader.num_records()
-        except Exception as e:  # noqa: BLE001 - the C++ reader raises RuntimeError / ValueError
+        except Exception as e:
             raise corrupt(path, e, what) from e
         as_json = None
         for i in range(0, n, 256):

@@ -125,7 +125,7 @@ def test_a_killed_build_continues_where_it_stopped(tmp_path, shakespeare_path):
     for i in range(24):
         write_shard(d / f"p{i:02d}.jsonl.gz", [text[(i * 40_000 + j * 2000) % 1_000_000:][:2000] for j in range(40)])
     write_shard(d / "e.jsonl", ["held out"])
-    sp = tk.train_sentencepiece([text[:50000]], tmp_path / "sp", vocab_size=1000)
+    tk.train_sentencepiece([text[:50000]], tmp_path / "sp", vocab_size=1000)
 
     def command(cache):
         return [sys.executable, "-m", "experiments.build_cache", "--config=configs/tiny.py",
