@@ -64,8 +64,9 @@ class TokenFile:
         size = self.dtype.itemsize
         if files.is_remote(self.path):
             fs, p = files.filesystem(self.path)
-            blobs = fs.cat_ranges([p] * len(starts), [int(a) * size for a in starts],
-                                  [int(b) * size for b in stops])
+            with files.remote_errors(self.path, "data.cache_dir"):
+                blobs = fs.cat_ranges([p] * len(starts), [int(a) * size for a in starts],
+                                      [int(b) * size for b in stops])
         else:
             with self._lock:
                 if self._fd is None:
@@ -168,12 +169,13 @@ class Cache:
         """Each shard's done record, or None where it is not built yet (one listing of the directory)."""
         fs, root = files.filesystem(self.root)
         fs.invalidate_cache(root)  # a bucket listing is cached: other workers' new shards must show
-        try:
-            names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-        except FileNotFoundError:
-            names = set()
-        todo = [i for i in range(len(self.source.shards)) if f"shard-{i:05d}.done.json" in names]
-        blobs = fs.cat([f"{root}/shard-{i:05d}.done.json" for i in todo]) if todo else {}
+        with files.remote_errors(self.root, "data.cache_dir"):
+            try:
+                names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+            except FileNotFoundError:
+                names = set()
+            todo = [i for i in range(len(self.source.shards)) if f"shard-{i:05d}.done.json" in names]
+            blobs = fs.cat([f"{root}/shard-{i:05d}.done.json" for i in todo]) if todo else {}
         out: list[dict | None] = [None] * len(self.source.shards)
         for i in todo:
             out[i] = json.loads(blobs[f"{root}/shard-{i:05d}.done.json"])

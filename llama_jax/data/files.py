@@ -16,6 +16,7 @@ line, a missing field or column, a corrupt or truncated compressed file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -70,10 +71,14 @@ def expand_files(patterns: str, what: str) -> list[FileInfo]:
     out: list[FileInfo] = []
     for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
         fs, root = filesystem(pattern)
-        try:
-            found = fs.glob(root, detail=True) if fs.exists(root) or glob_chars(root) else {}
-        except Exception as e:
-            raise access_error(pattern, e, what) from e
+        with remote_errors(pattern, what):
+            if glob_chars(root):
+                found = fs.glob(root, detail=True)
+            else:  # info, not exists(): exists() answers False for a bucket it may not read
+                try:
+                    found = {root: fs.info(root)}
+                except FileNotFoundError:
+                    found = {}
         files = sorted((p, i) for p, i in found.items() if i.get("type") != "directory")
         if not files:
             raise DataError(f"{what}: no file matches {pattern!r}; check the path (relative to the cwd).")
@@ -87,6 +92,18 @@ def expand_files(patterns: str, what: str) -> list[FileInfo]:
 
 def glob_chars(path: str) -> bool:
     return any(c in path for c in "*?[")
+
+
+@contextlib.contextmanager
+def remote_errors(path: str, what: str):
+    """Any error of a filesystem call (each filesystem raises its own types) as one line naming the path and,
+    for a bucket without credentials, the fix; a DataError or a missing file passes through."""
+    try:
+        yield
+    except (DataError, FileNotFoundError):
+        raise
+    except Exception as e:
+        raise access_error(path, e, what) from e
 
 
 def access_error(path: str, e: Exception, what: str) -> DataError:
@@ -333,15 +350,21 @@ def write_bytes(path: str, data: bytes) -> None:
         os.replace(tmp, path)
         return
     fs, p = filesystem(path)
-    with fs.open(p, "wb") as f:
+    with remote_errors(path, "data.cache_dir"), fs.open(p, "wb") as f:
         f.write(data)
 
 
 def read_bytes(path: str, start: int | None = None, end: int | None = None) -> bytes:
     fs, p = filesystem(path)
-    return fs.cat_file(p, start=start, end=end)
+    with remote_errors(path, "data.cache_dir"):
+        return fs.cat_file(p, start=start, end=end)
 
 
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
-    return fs.exists(p)
+    with remote_errors(path, "data.cache_dir"):
+        try:
+            fs.info(p)
+        except FileNotFoundError:
+            return False
+    return True

@@ -117,6 +117,15 @@ def test_a_bucket_without_credentials_is_one_line_naming_the_fix(tmp_path, monke
         with pytest.raises(errors.DataError, match=r"no access to gs://private/corpus/\*\.parquet .*"
                                                     r"gcloud auth application-default login.*GOOGLE_APPLICATION_CREDENTIALS"):
             data.TrainData.from_config(cfg, data.ByteTokenizer(), seq_len=8, batch_size=2, seed=0)
+        with pytest.raises(errors.DataError, match=r"no access to gs://private/one\.parquet .*gcloud auth"):
+            data.file_documents("gs://private/one.parquet")  # not "no file matches": it may exist
+        (tmp_path / "t.txt").write_text("local text")
+        (tmp_path / "e.txt").write_text("held out")
+        cfg = data.DataConfig(train_files=str(tmp_path / "t.txt"), eval_files=str(tmp_path / "e.txt"),
+                              cache_dir="gs://private/cache")
+        with pytest.raises(errors.DataError, match=r"data.cache_dir: no access to gs://private/cache/files/train/"
+                                                    r"manifest\.json .*gcloud auth"):
+            data.TrainData.from_config(cfg, data.ByteTokenizer(), seq_len=8, batch_size=2, seed=0)
     finally:
         server.shutdown()
         gcsfs.GCSFileSystem.clear_instance_cache()
