@@ -118,49 +118,58 @@ def window_layout(span_starts, span_ends, seq_len: int, stride: int | None = Non
     )
 
 
-def gather(tokens, rows: Rows, row_ids: np.ndarray, pad_id: int, scored=None, weights=None) -> dict:
+def empty_batch(b: int, seq_len: int, pad_id: int, with_bytes: bool = False) -> dict:
+    """A batch of b empty rows: padding everywhere, nothing scored."""
+    out = {
+        "inputs": np.full((b, seq_len), pad_id, np.int32),
+        "targets": np.full((b, seq_len), pad_id, np.int32),
+        "loss_mask": np.zeros((b, seq_len), np.float32),
+        "segment_ids": np.zeros((b, seq_len), np.int32),
+        "positions": np.zeros((b, seq_len), np.int32),
+    }
+    if with_bytes:
+        out["target_bytes"] = np.zeros((b, seq_len), np.int32)
+    return out
+
+
+def gather(tokens, rows: Rows, row_ids: np.ndarray, pad_id: int, scored=None, weights=None, *,
+           into: dict | None = None, at: np.ndarray | None = None) -> dict:
     """Materialise rows `row_ids` (-1 = an empty, fully masked row) as a batch dict, vectorised.
 
     loss_mask is 1 on the targets a row scores (all but a piece's first `first` columns), times `scored`
     (per stream position) when given; `weights` (per stream position) adds `target_bytes` under that mask.
+    `into` (an empty_batch) and `at` (its row for each of row_ids): write there instead of a new batch.
     """
-    b, L = len(row_ids), rows.seq_len
-    out = {
-        "inputs": np.full((b, L), pad_id, np.int32),
-        "targets": np.full((b, L), pad_id, np.int32),
-        "loss_mask": np.zeros((b, L), np.float32),
-        "segment_ids": np.zeros((b, L), np.int32),
-        "positions": np.zeros((b, L), np.int32),
-    }
-    if weights is not None:
-        out["target_bytes"] = np.zeros((b, L), np.int32)
+    L = rows.seq_len
+    out = empty_batch(len(row_ids), L, pad_id, weights is not None) if into is None else into
+    at = np.arange(len(row_ids)) if at is None else np.asarray(at)
     batch_row = np.flatnonzero(row_ids >= 0)
     r = row_ids[batch_row]
     count = rows.row_ptr[r + 1] - rows.row_ptr[r]
     piece = np.repeat(rows.row_ptr[r] - (np.cumsum(count) - count), count) + np.arange(count.sum())
     n = rows.length[piece]
     j = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-    src = np.repeat(rows.start[piece], n) + j
-    row = np.repeat(np.repeat(batch_row, count), n)
-    col = np.repeat(rows.offset[piece], n) + j
+    # One flat index into the [b, L] arrays, computed once for all of them.
+    flat = np.repeat(np.repeat(at[batch_row], count) * L + rows.offset[piece], n) + j
     if isinstance(tokens, np.ndarray):
-        out["inputs"][row, col] = tokens[src]
-        out["targets"][row, col] = tokens[src + 1]
+        src = np.repeat(rows.start[piece], n) + j
+        inputs, targets = tokens[src], tokens[src + 1]
     else:  # a cache.TokenFile: read each piece's tokens (and the one after) by range
         starts = rows.start[piece]
         chunks = tokens.ranges(starts, starts + n + 1)
         buf = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-        at = np.repeat(np.cumsum(n + 1) - (n + 1), n) + j
-        out["inputs"][row, col] = buf[at]
-        out["targets"][row, col] = buf[at + 1]
-    out["positions"][row, col] = j
-    out["segment_ids"][row, col] = np.repeat(rows.segment[piece], n)
-    mask = np.ones(len(src), bool) if rows.first is None else j >= np.repeat(rows.first[piece], n)
+        k = np.repeat(np.cumsum(n + 1) - (n + 1), n) + j
+        inputs, targets = buf[k], buf[k + 1]
+    out["inputs"].reshape(-1)[flat] = inputs
+    out["targets"].reshape(-1)[flat] = targets
+    out["positions"].reshape(-1)[flat] = j
+    out["segment_ids"].reshape(-1)[flat] = np.repeat(rows.segment[piece], n)
+    mask = np.ones(len(j), bool) if rows.first is None else j >= np.repeat(rows.first[piece], n)
     if scored is not None:
-        mask &= scored[src + 1]
-    out["loss_mask"][row, col] = mask
+        mask &= scored[np.repeat(rows.start[piece], n) + j + 1]
+    out["loss_mask"].reshape(-1)[flat] = mask
     if weights is not None:
-        out["target_bytes"][row, col] = weights[src + 1] * mask
+        out["target_bytes"].reshape(-1)[flat] = weights[np.repeat(rows.start[piece], n) + j + 1] * mask
     return out
 
 

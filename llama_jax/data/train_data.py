@@ -26,7 +26,7 @@ from llama_jax.data import cache as token_cache
 from llama_jax.data import sft
 from llama_jax.data.config import DataConfig
 from llama_jax.data.mixture import Mixture
-from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of, row_count
+from llama_jax.data.packing import Rows, build_rows, empty_batch, gather, local_rows, pad_id_of, row_count
 from llama_jax.data.sources import Documents, Source, check_no_leak, no_text, source_for_role
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.data.tokens import TokenStream
@@ -123,17 +123,12 @@ class SourceRows:
             shard[m], row[m] = s, x
         return shard, row
 
-    def gather(self, shard: np.ndarray, row: np.ndarray, pad_id: int) -> dict:
-        out = None
+    def gather(self, shard: np.ndarray, row: np.ndarray, into: dict, at: np.ndarray) -> None:
+        """Write rows (shard[i], row[i]) into batch `into` at rows at[i]."""
         for i in np.unique(shard).tolist():
             m = shard == i
             stream, rows = self.shard(i)
-            part = gather(stream.tokens, rows, row[m], pad_id, stream.trained)
-            if out is None:
-                out = {k: np.empty((len(shard),) + v.shape[1:], v.dtype) for k, v in part.items()}
-            for key, v in part.items():
-                out[key][m] = v
-        return out
+            gather(stream.tokens, rows, row[m], 0, stream.trained, into=into, at=at[m])
 
     def next_window_shards(self, k: int) -> list[int]:
         """The shards of the window after the one holding sample k (to load ahead)."""
@@ -168,7 +163,7 @@ class TrainData:
             ident += f"|{stages}|{options.mixture_block}"
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
         self._background = concurrent.futures.ThreadPoolExecutor(1)
-        self._requested: set[tuple[str, int]] = set()
+        self._ahead: dict[str, list[int]] = {}  # per source, the shards last opened ahead
 
     @classmethod
     def from_documents(cls, docs: Documents, tokenizer: Tokenizer, options: DataConfig | None = None, *,
@@ -249,12 +244,14 @@ class TrainData:
         return np.stack([source, shard, row], axis=1)
 
     def _load_ahead(self, name: str, k: int) -> None:
+        """Open the next window's shards in the background once a source enters a window."""
         src = self.sources[name]
         if len(src.windows) == 1:
             return
-        for i in src.next_window_shards(k):
-            if (name, i) not in self._requested:
-                self._requested.add((name, i))
+        shards = src.next_window_shards(k)
+        if self._ahead.get(name) != shards:
+            self._ahead[name] = shards
+            for i in shards:
                 self._background.submit(src.shard, i)
 
     def batch_for_step(self, step: int, process_index=None, process_count=None, *, rows: slice | None = None):
@@ -264,14 +261,10 @@ class TrainData:
         e.g. sharding.process_batch_slice(mesh, batch_size) when the mesh orders processes differently.
         """
         triples = self.rows_for_step(step, process_index, process_count, rows=rows)
-        out = None
+        out = empty_batch(len(triples), self.seq_len, self.pad_id)
         for s in np.unique(triples[:, 0]).tolist():
-            m = triples[:, 0] == s
-            part = self.sources[self.names[s]].gather(triples[m, 1], triples[m, 2], self.pad_id)
-            if out is None:
-                out = {k: np.empty((len(triples),) + v.shape[1:], v.dtype) for k, v in part.items()}
-            for key, v in part.items():
-                out[key][m] = v
+            at = np.flatnonzero(triples[:, 0] == s)
+            self.sources[self.names[s]].gather(triples[at, 1], triples[at, 2], out, at)
         return out
 
     # -- iteration and state -------------------------------------------------------------------------
