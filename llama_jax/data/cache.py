@@ -17,6 +17,14 @@ Rules:
     range requests on a bucket) and a shard's document offsets when its window is reached.
   * A cache that does not match is refused, never rebuilt over: another tokenizer or BOS/EOS setting, other
     source text, a shard file changed or deleted after the build. The message names the cache and the fix.
+
+Why raw token arrays and not ArrayRecord: a training row is a token range that crosses documents (concat) or
+a few document pieces (packed), so what is read is a byte range of a shard's token array, one request each.
+ArrayRecord addresses whole records in compressed chunks: a row would read and decompress every chunk it
+touches. ArrayRecord is read as a source format (files.py) and TFDS datasets are built as ArrayRecord.
+Why no Beam or Ray: the shards are independent, so the engine is any set of processes with an index (a
+pod's hosts, a job array, one process per core); a Beam pipeline would add a runner and a dependency for no
+parallelism these workers lack.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ loaded, their tokens read by range), and the source's k-th sample is a pure func
 config). The mixture gives global sample g = step * batch_size + i its (source, k). Nothing depends on the
 number of processes: process p reads only its rows of the global batch.
 See llama_jax/data/__init__ ("Epochs and exact resume").
+
+Why not grain's MapDataset: its `shuffle` permutes all of a dataset's rows at once, so every batch would
+touch rows of every shard (one open file, and one document-offset array in memory, per shard); windows keep
+that to `shuffle_shards` shards while each epoch still reads each row once. Its `mix` is discussed in
+mixture.py.
 """
 
 from __future__ import annotations
