@@ -11,7 +11,8 @@ time as .jsonl.zst shards of --shard_mb (never kept). Cases:
      (read and decompress the shards, tokenize, write the cache). CPU seconds, so the ratio is per core.
   2. training input from the cache: TrainData.batch_for_step, one thread, seq 2048 x batch 64, concat and
      packed: tokens/s (one TPU host needs ~200k tokens/s: 4 chips at ~50k each for an 8B model).
-  3. the same corpus as one source vs split into 3 sources mixed 0.5/0.3/0.2: tokens/s ratio.
+  3. the same corpus as one source vs split into 3 sources mixed 0.5/0.3/0.2: tokens/s ratio (medians of five
+     alternated rounds).
   4. peak RSS of `experiments.train` (tiny model, byte tokenizer, 20 steps from the cache) on the corpus and
      on 8 copies of it; also without the cache (tokenized in memory), which grows with the corpus.
 The last line is JSON.
@@ -129,7 +130,9 @@ def main(argv):
         mix = DataConfig(sources=sources, cache_dir=str(tmp / "cache3"))
         one = data.TrainData.from_config(cached, ByteTokenizer(), seq_len=2048, batch_size=64, seed=0)
         three = data.TrainData.from_config(mix, ByteTokenizer(), seq_len=2048, batch_size=64, seed=0)
-        a, b = throughput(one, steps), throughput(three, steps)
+        # Alternated, five rounds, medians: the two cases see the same machine load.
+        rounds = [(throughput(one, steps), throughput(three, steps)) for _ in range(5)]
+        a, b = (sorted(x)[2] for x in zip(*rounds))
         out.update(one_source_tokens_per_s=round(a), three_sources_tokens_per_s=round(b), mixture_vs_one=round(b / a, 3))
         print(f"3. one source {a:,.0f} tokens/s, {len(sources)} sources mixed {b:,.0f} ({b / a:.2f}x)", flush=True)
 
