@@ -66,6 +66,7 @@ class LoopConfig(Section):
     init_from: str = ""  # workdir whose params start a fine-tune (fresh optimizer)
     allow_config_change: bool = False  # resume a workdir even though its config.json differs (diff is shown)
     # Resume from this checkpoint step instead of the newest; newer ones move to WORKDIR/discarded/. -1: newest.
+    # Applied once: re-running the same command later resumes from the newest checkpoint (_resume_step).
     resume_step: int = -1
     profile_start: int = 10  # first step of a jax.profiler trace (written to WORKDIR/profile)
     profile_steps: int = 0  # number of steps to trace; 0 = no trace
@@ -184,19 +185,35 @@ def _check_workdir(exp: Experiment, workdir: str) -> int | None:
     partial = checkpoint.incomplete_checkpoints(workdir)
     if partial:
         log.warning("ignoring incomplete checkpoint(s) %s in %s (a save was interrupted)", partial, workdir)
-    steps = checkpoint.all_steps(workdir)
-    resume_step = steps[-1] if steps else None
-    if exp.loop.resume_step >= 0:
-        if exp.loop.resume_step not in steps:
-            raise CheckpointError(
-                f"--config.resume_step={exp.loop.resume_step}: {workdir} has no checkpoint at that step; "
-                f"its checkpoints are at steps {steps}."
-            )
-        resume_step = exp.loop.resume_step
+    resume_step = _resume_step(exp.loop.resume_step, workdir, checkpoint.all_steps(workdir))
     if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and resume_step is not None:
         checkpoint.check_resume_config(workdir, exp.to_dict())
         _warn_if_the_schedule_moves(exp, checkpoint.read_config(workdir)["num_steps"], resume_step)
     return resume_step
+
+
+def _resume_step(asked: int, workdir: str, steps: list[int]) -> int | None:
+    """The checkpoint to resume from: the newest, or `asked` (resume_step) the first time it is asked for.
+
+    resume_step is a one-time action: the run that applies it records it in config.json, and re-running the
+    same command (after it finished, or after a Ctrl-C or preemption) resumes from the newest checkpoint,
+    never moving the checkpoints trained since then aside again, even once step `asked` has rotated out.
+    """
+    newest = steps[-1] if steps else None
+    if asked < 0:
+        return newest
+    config = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    if os.path.exists(config) and checkpoint.read_config(workdir).get("resume_step") == asked and newest is not None:
+        log.warning("--config.resume_step=%d was applied by an earlier run of this command; resuming from the "
+                    "newest checkpoint, step %d. To go back to step %d again, move the newer checkpoints out of "
+                    "%s by hand.", asked, newest, asked, os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
+        return newest
+    if asked not in steps:
+        raise CheckpointError(
+            f"--config.resume_step={asked}: {workdir} has no checkpoint at that step; its checkpoints are at "
+            f"steps {steps}."
+        )
+    return asked
 
 
 def _warn_if_the_schedule_moves(exp: Experiment, old_num_steps: int, step: int) -> None:

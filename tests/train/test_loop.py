@@ -162,6 +162,23 @@ def test_resume_step_picks_an_older_checkpoint_and_keeps_the_newer_ones_aside(lo
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
 
 
+def test_resume_step_is_applied_once_and_a_rerun_resumes_from_the_newest(local_data, tmp_path, caplog):
+    """The same command again (after it finished, or after a Ctrl-C) must not move the checkpoints it trained
+    aside a second time, nor fail once step N has rotated out (keep_checkpoints=3)."""
+    c = tiny(local_data, num_steps=12, eval_every=0, checkpoint_every=4, log_every=1, keep_checkpoints=3)
+    train(Experiment.from_config(c), tmp_path)
+    c.resume_step, c.num_steps = 4, 16
+    assert train(Experiment.from_config(c), tmp_path)["step"] == 16
+    assert checkpoint.all_steps(tmp_path) == [8, 12, 16]  # 4 rotated out
+    c.num_steps = 20  # the same command, with more steps
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        assert train(Experiment.from_config(c), tmp_path)["step"] == 20
+    assert "resume_step=4 was applied by an earlier run" in caplog.text
+    assert checkpoint.all_steps(tmp_path) == [12, 16, 20]
+    assert sorted(p.split("-")[0] for p in os.listdir(tmp_path / "discarded")) == ["12", "8"]  # moved once
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 21))
+
+
 def test_rerunning_a_finished_run_reports_it_and_changes_nothing(local_data, tmp_path, caplog):
     c = tiny(local_data, num_steps=4, eval_every=4, log_every=2)
     first = train(Experiment.from_config(c), tmp_path)
