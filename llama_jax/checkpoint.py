@@ -38,6 +38,8 @@ CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 DISCARDED_DIR = "discarded"
 
+log = logging.getLogger(__name__)
+
 
 def write_config(workdir, config: dict[str, Any]) -> None:
     """Write DIR/config.json atomically (write to a temp file, then rename)."""
@@ -103,8 +105,14 @@ def checksums(tree) -> dict[str, int]:
 
 
 def verify(tree, expected: dict[str, int] | None, *, where: str, advice: str) -> None:
-    """Raise CheckpointError naming every array whose checksum differs from the one saved with it."""
-    if expected is None:  # written before checksums existed
+    """Raise CheckpointError naming every array whose checksum differs from the one saved with it; with no
+    record (`expected` None) warn loudly: the arrays cannot be checked, and a flipped bit would pass."""
+    if expected is None:
+        log.warning(
+            "%s has no readable checksum record (written before checksums existed, or its checksums/ item is "
+            "missing or damaged): it is restored UNVERIFIED, and a damaged array would go unnoticed. %s",
+            where, advice,
+        )
         return
     got = checksums(tree)
     bad = sorted(k for k in got if expected.get(k) != got[k])
@@ -162,18 +170,14 @@ def restore_params(workdir, abstract_params, step: int | None = None):
         if stored is not None:
             check_shapes(target, stored, where=f"{workdir} step {step}")
             target = _as_stored_dtypes(target, stored)
-        args = {"params": ocp.args.StandardRestore(target)}
-        if _has_item(items, "checksums"):
-            args["checksums"] = ocp.args.JsonRestore()
         older = [s for s in mngr.all_steps() if s < step]
         advice = f"Use an older checkpoint with --step={max(older)}." if older else "It is the only checkpoint."
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(**args))
+            params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
         except Exception as e:
             raise CheckpointError(f"could not read params of {workdir} at step {step}: {e}\n{advice}") from e
-    params = restored["params"]
-    verify(params, (restored.get("checksums") or {}).get("params"), where=f"{workdir}/{CHECKPOINT_DIR}/{step}",
-           advice=advice)
+        sums = _read_checksums(mngr, step, items)
+    verify(params, sums.get("params"), where=f"{workdir}/{CHECKPOINT_DIR}/{step}", advice=advice)
     if target is not abstract_params:  # another layout and/or dtype; each relayout is the identity on its own
         relayout = stack_layers if "layers" in abstract_params else unstack_layers
         shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract_params)
@@ -256,7 +260,7 @@ def discard_after(workdir, step: int) -> list[int]:
         (root / DISCARDED_DIR).mkdir(parents=True, exist_ok=True)
         (root / CHECKPOINT_DIR / str(s)).rename(root / DISCARDED_DIR / f"{s}-{stamp}")
     if moved:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "resume_step=%d: moved the newer checkpoint(s) %s to %s", step, moved, root / DISCARDED_DIR
         )
     return moved
@@ -298,14 +302,11 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
                 "sample; to keep training from them start a new run with "
                 f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
             )
-        args = {
-            "params": ocp.args.StandardRestore(abstract_params),
-            "train_state": ocp.args.StandardRestore(abstract_train_state),
-            "data_state": ocp.args.JsonRestore(),
-        }
-        if _has_item(stored, "checksums"):
-            args["checksums"] = ocp.args.JsonRestore()
-        out = mngr.restore(step, args=ocp.args.Composite(**args))
+        out = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            train_state=ocp.args.StandardRestore(abstract_train_state),
+            data_state=ocp.args.JsonRestore(),
+        ))
     except CheckpointError:
         raise
     except Exception as e:
@@ -314,7 +315,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
             "If the model or optimizer config changed, use a new --workdir; if the checkpoint is damaged, "
             f"move {mngr.directory}/{step} aside to resume from the one before."
         ) from e
-    sums = out.get("checksums") or {}
+    sums = _read_checksums(mngr, step, stored)
     older = [s for s in mngr.all_steps() if s < step]
     advice = (f"Resume from an older one with --config.resume_step={max(older)}." if older
               else "It is the only checkpoint: start a new run.")
@@ -322,6 +323,18 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
     verify(out["params"], sums.get("params"), where=where, advice=advice)
     verify(out["train_state"], sums.get("train_state"), where=where, advice=advice)
     return out["params"], out["train_state"], out["data_state"]
+
+
+def _read_checksums(mngr: ocp.CheckpointManager, step: int, items) -> dict:
+    """The checksum record of `step`; {} when it is missing or unreadable, which `verify` warns about. Read
+    on its own, so a damaged record costs the verification, not the restore of intact arrays."""
+    if not _has_item(items, "checksums"):
+        return {}
+    try:
+        record = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+    except Exception:  # any damage to the record: the warning names the checkpoint
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _has_item(items, name: str) -> bool:

@@ -1,6 +1,7 @@
 """Checkpoints: shape checks that name every param, restoring across scan_layers layouts, older layouts."""
 
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -114,3 +115,24 @@ def test_a_workdir_written_before_a_field_existed_still_resumes(tmp_path):
     changed = {**new, "model": {**new["model"], "loss_chunk": 64}}
     with pytest.raises(errors.ConfigMismatchError, match="model.loss_chunk: 0 -> 64"):
         checkpoint.check_resume_config(tmp_path, changed)
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_a_checkpoint_without_a_readable_checksum_record_restores_only_with_a_loud_warning(tmp_path, caplog, damage):
+    """Without its record a flipped bit would restore silently: the restore must say so, name the checkpoint
+    and the older one to use."""
+    params = init_params(CFG, jax.random.key(0))
+    for step in (1, 2):
+        checkpoint.save_params(tmp_path, params, step=step)
+    record = tmp_path / "checkpoints" / "2" / "checksums"
+    if damage == "missing":
+        shutil.rmtree(record)
+    else:
+        for f in record.rglob("*"):
+            if f.is_file():
+                f.write_text("{not json")
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        got = checkpoint.restore_params(tmp_path, param_shapes(CFG))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert re.search(r"checkpoints/2 has no readable checksum record .* UNVERIFIED.* --step=1", caplog.text), caplog.text
