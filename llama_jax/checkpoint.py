@@ -13,10 +13,12 @@ one written by training are read the same way. Resuming restores all three items
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -159,8 +161,12 @@ def restore_params(workdir, abstract_params, step: int | None = None):
             f"no complete checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train first or point "
             "--workdir at a directory that has one."
         )
+    where = f"{workdir}/{CHECKPOINT_DIR}/{step}"
     with manager(workdir) as mngr:
-        items = mngr.item_metadata(step)
+        older = [s for s in mngr.all_steps() if s < step]
+        advice = f"Use an older checkpoint with --step={max(older)}." if older else "It is the only checkpoint."
+        with _read_or_refuse(where, advice):
+            items = mngr.item_metadata(step)
         stored = items["params"] if items is not None and "params" in items else None
         target = abstract_params
         if stored is not None and ("layers" in stored) != ("layers" in abstract_params):
@@ -170,14 +176,10 @@ def restore_params(workdir, abstract_params, step: int | None = None):
         if stored is not None:
             check_shapes(target, stored, where=f"{workdir} step {step}")
             target = _as_stored_dtypes(target, stored)
-        older = [s for s in mngr.all_steps() if s < step]
-        advice = f"Use an older checkpoint with --step={max(older)}." if older else "It is the only checkpoint."
-        try:
+        with _read_or_refuse(where, advice):
             params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-        except Exception as e:
-            raise CheckpointError(f"could not read params of {workdir} at step {step}: {e}\n{advice}") from e
         sums = _read_checksums(mngr, step, items)
-    verify(params, sums.get("params"), where=f"{workdir}/{CHECKPOINT_DIR}/{step}", advice=advice)
+    verify(params, sums.get("params"), where=where, advice=advice)
     if target is not abstract_params:  # another layout and/or dtype; each relayout is the identity on its own
         relayout = stack_layers if "layers" in abstract_params else unstack_layers
         shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract_params)
@@ -185,6 +187,59 @@ def restore_params(workdir, abstract_params, step: int | None = None):
         params = jax.jit(lambda p: jax.tree.map(lambda x, d: x.astype(d), relayout(p), dtypes),
                          out_shardings=shardings)(params)
     return params
+
+
+@contextlib.contextmanager
+def _read_or_refuse(where: str, advice: str):
+    """Turn a failed Orbax/TensorStore read of checkpoint `where` (a damaged metadata, b-tree or data file)
+    into one CheckpointError line: what failed first, and `advice`; the full error stays its __cause__."""
+    _quiet_orbax_leftovers()  # before the read: its leftovers start printing before the error reaches here
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where} cannot be read, its files are damaged ({_first_line(e)}). {advice}") from e
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """The gist of an Orbax/TensorStore error: its first line without the TensorStore spec (a page of JSON)."""
+    text = str(e).split("\n", 1)[0]
+    for spec in (" [tensorstore_spec=", " See full TensorStore details"):
+        text = text.split(spec, 1)[0]
+    text = text.strip().rstrip(".") or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _LeftoverTaskFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+_quieted = False
+
+
+def _quiet_orbax_leftovers() -> None:
+    """When one read fails, Orbax closes its event loop while the checkpoint's other reads are still in
+    flight; each then prints a traceback ("Event loop is closed", or its abandoned coroutine's error, through
+    sys.unraisablehook; "Task exception was never retrieved" through asyncio's logger): a screen of noise
+    around the one-line error. Drop exactly those, for the rest of the process; every other unraisable error
+    and log record still shows."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        abandoned_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or abandoned_read):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_LeftoverTaskFilter())
 
 
 def _as_stored_dtypes(target, stored):

@@ -136,3 +136,21 @@ def test_a_checkpoint_without_a_readable_checksum_record_restores_only_with_a_lo
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
     assert re.search(r"checkpoints/2 has no readable checksum record .* UNVERIFIED.* --step=1", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("damaged", ["_METADATA", "manifest.ocdbt", "d"])
+def test_a_damaged_orbax_metadata_or_btree_file_is_one_line_naming_the_older_step(tmp_path, damaged):
+    """What eval_ppl, sample and load_workdir read: a damaged metadata, manifest or b-tree node file is the
+    same one-line CheckpointError as damaged data, without Orbax's traceback or TensorStore's spec dump."""
+    params = init_params(CFG, jax.random.key(0))
+    for step in (1, 2):
+        checkpoint.save_params(tmp_path, params, step=step)
+    root = tmp_path / "checkpoints" / "2" / "params"
+    target = next((root / "d").iterdir()) if damaged == "d" else root / damaged  # d/: the b-tree nodes
+    target.write_bytes(b"\0garbage" * 4)
+    with pytest.raises(errors.CheckpointError) as e:
+        checkpoint.restore_params(tmp_path, param_shapes(CFG))
+    message = str(e.value)
+    assert re.fullmatch(r".*/checkpoints/2 cannot be read, its files are damaged \(.+\)\. Use an older checkpoint with --step=1\.",
+                        message), message
+    assert "tensorstore_spec" not in message and len(message) < 600
