@@ -222,6 +222,14 @@ def test_missing_workdir_checkpoint_and_text_file_are_clear_errors(trained_tiny_
         inference.evaluate_workdir(trained_tiny_workdir, text_file=str(tmp_path / "missing.txt"))
 
 
+def test_a_text_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path):
+    """The same one-line DataError training gives; raised before the workdir is read."""
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("ROMEO:\nCaf\u00e9 ou th\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt is not valid UTF-8: byte 0xe9 at byte offset 10 .*Re-encode"):
+        inference.evaluate_workdir(tmp_path / "never_read", text_file=str(f))
+
+
 def test_tokenizer_larger_than_model_vocab_is_a_clear_error(trained_tiny_workdir, tmp_path):
     small = tmp_path / "small_vocab"
     small.mkdir()
