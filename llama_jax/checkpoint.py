@@ -126,6 +126,26 @@ def verify(tree, expected: dict[str, int] | None, *, where: str, advice: str) ->
         )
 
 
+_finite_jit = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_arrays(tree) -> list[str]:
+    """The paths of the floating-point leaves of `tree` holding a NaN or an infinity (one jitted pass)."""
+    flat = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jax.device_get(_finite_jit([x for _, x in flat]))
+    return [path for (path, _), ok in zip(flat, finite) if not ok]
+
+
+def check_finite(tree, *, where: str, advice: str, error: type[Exception] = CheckpointError) -> None:
+    """Raise `error` naming the arrays of `tree` that hold a NaN or an infinity: a diverged or damaged model
+    whose use would print garbage (NUL bytes from a sampler) with a zero exit status."""
+    bad = nonfinite_arrays(tree)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise error(f"{where} holds non-finite params: {len(bad)} array(s) with NaN or inf ({shown}). {advice}")
+
+
 def all_steps(workdir) -> list[int]:
     """The steps of the *complete* checkpoints, ascending (Orbax never lists a half-written one)."""
     if not (epath.Path(workdir) / CHECKPOINT_DIR).is_dir():

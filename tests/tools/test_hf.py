@@ -343,6 +343,26 @@ def rewrite_weights(d: pathlib.Path, fn) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def test_import_and_export_refuse_non_finite_params_naming_the_array(small_hf_dir, tmp_path):
+    d = copy_dir(small_hf_dir, tmp_path / "nan")
+
+    def poison(t):
+        t["model.layers.1.mlp.down_proj.weight"][0, 0] = np.nan
+
+    rewrite_weights(d, poison)
+    with pytest.raises(errors.HFImportError, match=r"holds non-finite params: 1 array\(s\) with NaN or inf "
+                       r"\(\['layers_1'\]\['mlp'\]\['down_proj'\]\['kernel'\]\)\. Import an intact"):
+        hf.import_to_workdir(d, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    workdir = tmp_path / "workdir"
+    cfg = hf.import_to_workdir(small_hf_dir, workdir)
+    params = checkpoint.restore_params(workdir, param_shapes(cfg))
+    checkpoint.save_params(workdir, jax.tree.map(lambda p: p.at[0].set(jnp.inf), params), step=5)  # diverged
+    with pytest.raises(errors.HFExportError, match=r"step 5 holds non-finite params: .* --step=N \(the steps are \[0, 5\]\)"):
+        hf.export_from_workdir(workdir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_rejects_missing_weight(small_hf_dir, tmp_path):
     d = copy_dir(small_hf_dir, tmp_path / "m")
     rewrite_weights(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
