@@ -367,37 +367,63 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, train_state
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_train_state):
-    """(params, train state, data state) of `step`, restored onto the abstract targets' shardings."""
-    try:
+    """(params, train state, data state) of `step`, restored onto the abstract targets' shardings.
+
+    A checkpoint whose arrays do not fit the targets (a config change that alters what is trained, even
+    with allow_config_change) is refused saying so; one that cannot be read is refused as damaged."""
+    where = f"{mngr.directory}/{step}"
+    older = [s for s in mngr.all_steps() if s < step]
+    advice = (f"Resume from an older one with --config.resume_step={max(older)}." if older
+              else "It is the only checkpoint: start a new run.")
+    with _read_or_refuse(where, advice):
         stored = mngr.item_metadata(step)
-        if stored is not None and "rng" in (stored.get("train_state") or {}):
-            raise CheckpointError(
-                f"{mngr.directory}/{step} was written by an older llama_jax (its train state holds a dropout "
-                "rng that the model never used), so it cannot be resumed. Its params still evaluate and "
-                "sample; to keep training from them start a new run with "
-                f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
-            )
+    if stored is not None and "rng" in (stored.get("train_state") or {}):
+        raise CheckpointError(
+            f"{where} was written by an older llama_jax (its train state holds a dropout "
+            "rng that the model never used), so it cannot be resumed. Its params still evaluate and "
+            "sample; to keep training from them start a new run with "
+            f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
+        )
+    if stored is not None:
+        _check_resumable(where, epath.Path(mngr.directory).parent, {"params": abstract_params, "train_state": abstract_train_state},
+                         {"params": stored.get("params"), "train_state": stored.get("train_state")})
+    with _read_or_refuse(where, advice):
         out = mngr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
             train_state=ocp.args.StandardRestore(abstract_train_state),
             data_state=ocp.args.JsonRestore(),
         ))
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(
-            f"could not restore the training state of step {step} from {mngr.directory}: {e}\n"
-            "If the model or optimizer config changed, use a new --workdir; if the checkpoint is damaged, "
-            f"move {mngr.directory}/{step} aside to resume from the one before."
-        ) from e
     sums = _read_checksums(mngr, step, stored)
-    older = [s for s in mngr.all_steps() if s < step]
-    advice = (f"Resume from an older one with --config.resume_step={max(older)}." if older
-              else "It is the only checkpoint: start a new run.")
-    where = f"{mngr.directory}/{step}"
     verify(out["params"], sums.get("params"), where=where, advice=advice)
     verify(out["train_state"], sums.get("train_state"), where=where, advice=advice)
     return out["params"], out["train_state"], out["data_state"]
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"params/embed/embedding": shape, ...}: paths by key name, so a saved tree (Orbax stores optax's
+    named tuples as dicts) and the live one compare equal."""
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return {"/".join(name(k) for k in path): tuple(getattr(x, "shape", ()))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_resumable(where: str, workdir, expected, stored) -> None:
+    """Refuse, naming the arrays, a checkpoint whose params or optimizer state the config no longer fits:
+    allow_config_change carries over changes that keep them (lr, schedule, clipping, data), not these."""
+    want, got = _leaf_shapes(expected), _leaf_shapes(stored)
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if not diff:
+        return
+    shown = ", ".join(f"{k}: checkpoint {got.get(k, 'absent')}, config {want.get(k, 'absent')}" for k in diff[:3])
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    fix = ("train the new model in a new --workdir" if any(k.startswith("params/") for k in diff) else
+           f"start a new --workdir from these params with --config.init_from={workdir} (fresh optimizer state)")
+    raise ConfigMismatchError(
+        f"{where} cannot be resumed with this config: it changes the shapes of the params or optimizer state "
+        f"({len(diff)} arrays differ: {shown}{more}), which --config.allow_config_change cannot carry over. "
+        f"Undo that change (the run's config is {workdir}/{CONFIG_FILE}), or {fix}."
+    )
 
 
 def _read_checksums(mngr: ocp.CheckpointManager, step: int, items) -> dict:

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from llama_jax import checkpoint, distributed
 from llama_jax.data import EvalData, TrainData, chat, check_vocab
 from llama_jax.data.tokenizer import training_tokenizer
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, DataError
 from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.lock import WorkdirLock
 from llama_jax.lora.workdir import read_base_ref, restore_base, write_base_ref
@@ -235,13 +235,30 @@ def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resu
     if resume_step is not None:
         log.info("resuming from the checkpoint at step %d in %s", resume_step, mngr.directory)
         state, data_state = restore_state(mngr, program.abstract_state, resume_step)
-        train_data.restore(data_state)  # checks the data config is the one the run was started with
+        _restore_data_position(exp, train_data, data_state, resume_step)
         return state
     state = program.init_state(exp.loop.seed)
     if exp.loop.init_from and not exp.lora.enabled:  # with LoRA init_from is the frozen base (_train)
         log.info("initialising params from %s (fresh optimizer state)", exp.loop.init_from)
         state = state.replace(params=checkpoint.restore_params(exp.loop.init_from, program.abstract_state.params))
     return state
+
+
+def _restore_data_position(exp, train_data: TrainData, data_state: dict, step: int) -> None:
+    """Check the checkpoint's data state against this data (so a resumed run replays the same batches);
+    with allow_config_change a different data config resumes at the step on the new data, saying so."""
+    try:
+        train_data.restore(data_state)
+    except DataError:
+        if not exp.loop.allow_config_change:
+            raise DataError(
+                f"the checkpoint at step {step} was trained on other data (its data state does not match this "
+                "data config: dataset, split, tokenizer, seq_len, batch_size, seed or packing), so resuming would "
+                "not replay the same batches. Restore that data, or pass --config.allow_config_change=True to "
+                f"resume at step {step} on the new data."
+            ) from None
+        log.warning("allow_config_change: the data differs from what the checkpoint was trained on; resuming at "
+                    "step %d on the new data (the batches from here on are not the original run's).", step)
 
 
 def _exact_match(exp, tokenizer) -> ExactMatch | None:

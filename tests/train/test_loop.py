@@ -3,6 +3,7 @@ a bad config, a workdir in use and a failed resume change nothing in the workdir
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -112,10 +113,33 @@ def test_a_failed_resume_leaves_the_workdir_as_it_was(local_data, tmp_path):
     train(Experiment.from_config(c), tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     c.model.num_layers, c.allow_config_change, c.num_steps = 3, True, 6
-    with pytest.raises(errors.CheckpointError, match="could not restore the training state of step 3"):
+    with pytest.raises(errors.CheckpointError, match="checkpoints/3 cannot be resumed with this config"):
         train(Experiment.from_config(c), tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_allow_config_change_advice_can_be_acted_on_from_the_command_line(local_data, tmp_path, caplog):
+    """A change allow_config_change cannot carry over is named as such, with the flags that fix it: never
+    Orbax's partial_restore, never moving a healthy checkpoint aside. A data change resumes on the new data."""
+    c = tiny(local_data, num_steps=3, eval_every=0, log_every=1)
+    train(Experiment.from_config(c), tmp_path)
+    c.allow_config_change, c.num_steps = True, 6
+    c.model.num_layers = 3
+    with pytest.raises(errors.ConfigMismatchError) as e:
+        train(Experiment.from_config(c), tmp_path)
+    assert re.search(r"\(\d+ arrays differ: params/layers_2/.*: checkpoint absent, config \(.*Undo that change \(the "
+                     r"run's config is .*config.json\), or train the new model in a new --workdir\.$", str(e.value))
+    c.model.num_layers, c.optimizer.name = 2, "lion"
+    with pytest.raises(errors.ConfigMismatchError, match=rf"train_state/opt_state/.*--config.init_from={tmp_path} "
+                       r"\(fresh optimizer state\)\.$") as e:
+        train(Experiment.from_config(c), tmp_path)
+    for message in (str(e.value),):
+        assert "partial_restore" not in message and "aside" not in message and "\n" not in message
+    c.optimizer.name, c.seq_len = "adamw", 16  # other batches: resumed at the step, on the new data
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        assert train(Experiment.from_config(c), tmp_path)["step"] == 6
+    assert "resuming at step 3 on the new data" in caplog.text
 
 
 def test_a_fresh_start_logs_each_step_once(local_data, tmp_path):
