@@ -282,7 +282,8 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None) 
     # A resumed run measures spikes against the losses its predecessor logged (rows up to the resume step).
     history = [{k.removeprefix("train/"): v for k, v in r.items()} for r in read_metrics(workdir) if "train/loss" in r]
     guard = hooks.DivergenceGuard(loop.max_consecutive_skips, loop.spike_factor,
-                                  hooks.CheckpointList(mngr, workdir), history[-hooks.SPIKE_WINDOW:])
+                                  hooks.CheckpointList(mngr, workdir), history[-hooks.SPIKE_WINDOW:],
+                                  uniform_loss=math.log(exp.model.vocab_size))
     out: list[hooks.Hook] = [guard]
     if loop.profile_steps and main:
         out.append(hooks.Profile(hooks.profile_dir(workdir), loop.profile_start, loop.profile_steps))
