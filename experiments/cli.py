@@ -53,7 +53,9 @@ def _parse_flags(argv):
         text = str(e.args[0] if e.args else e)
         key = re.search(r"'(\w+)", text)
         hint = re.search(r"(Did you mean [^?]*\?)", text)
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        # The flag that holds the unknown name (a field or a section), not every --config flag given.
+        bad = [f for f in given if key and key.group(1) in f.split(".")[1:]] or given
         print(f"{_script_name()}: no such config field {key.group(1) if key else text!r} (in "
               f"{', '.join(bad)}). {hint.group(1) + ' ' if hint else ''}The fields are those of the config "
               "file's sections (llama_jax/experiment.py lists them).", file=sys.stderr)

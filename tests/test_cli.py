@@ -13,6 +13,9 @@ from tests.helpers import run_module
          "train: invalid optimizer: optimizer.lr=-1.0 must be >= 0"),
         (["experiments.train", "--config=configs/tiny.py", "--workdir={tmp}/run", "--config.optimizer.lrr=1"],
          'train: no such config field \'lrr\' (in --config.optimizer.lrr). Did you mean "lr" instead of "lrr"?'),
+        (["experiments.train", "--config=configs/tiny.py", "--workdir={tmp}/run", "--config.data.manual_dir={tmp}",
+          "--config.optimizer.lrr=1"],  # only the unknown flag is named
+         "train: no such config field 'lrr' (in --config.optimizer.lrr). Did you mean"),
         (["experiments.sample", "--workdir={tmp}/missing"], "sample: workdir {tmp}/missing does not exist"),
         (["experiments.eval_ppl", "--workdir={tmp}/missing"], "eval_ppl: workdir {tmp}/missing does not exist"),
         (["experiments.convert_hf", "--hf_dir={tmp}/nohf", "--workdir={tmp}/w"], "convert_hf: {tmp}/nohf/config.json"),
