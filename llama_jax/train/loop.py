@@ -141,7 +141,9 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
         checkpoint.write_config(workdir, exp.to_dict())
         if base_ref is not None:
             write_base_ref(workdir, base_ref)
-        chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
+        template = chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
+        if template is not None and exp.data.format == "sft":  # the template writes the training text
+            chat.warn_missing_control_tokens(template, tokenizer)
         truncate_metrics(workdir, run.start)  # rows past the start are recomputed (each step logged once)
     writer = MetricWriter(workdir, enabled=distributed.is_main_process())
     with contextlib.closing(writer):
