@@ -183,6 +183,21 @@ def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
     assert got["bits_per_byte"] == pytest.approx(nll.sum() / (len(TEXT.encode()) * math.log(2)), rel=1e-5)
 
 
+def test_an_imported_workdir_says_which_seq_len_and_batch_it_scored(hf_tiny_workdir, trained_tiny_workdir, tmp_path,
+                                                                    caplog):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        got = inference.evaluate_workdir(hf_tiny_workdir, text_file=str(f))
+    assert (f"{hf_tiny_workdir} records no training seq_len (an imported checkpoint): scoring windows of "
+            f"seq_len={got['seq_len']} (min(max_seq_len, 2048)) in batches of {got['batch_size']}; pass --seq_len=N") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        inference.evaluate_workdir(hf_tiny_workdir, text_file=str(f), seq_len=32)  # asked for: nothing to say
+        inference.evaluate_workdir(trained_tiny_workdir, text_file=str(f))  # its training seq_len
+    assert "records no training seq_len" not in caplog.text
+
+
 def test_trained_workdir_held_out_split_and_stride(trained_tiny_workdir):
     eval_text = (trained_tiny_workdir.parent / "data" / "eval.txt").read_text(encoding="utf-8")
     plain = inference.evaluate_workdir(trained_tiny_workdir)  # the workdir's own data.eval_files
