@@ -17,14 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_jax import checkpoint, errors
 from llama_jax.model import KVCache, Llama, param_shapes
 from llama_jax.tools import hf
 from tests.helpers import run_module
+
+torch = pytest.importorskip("torch", reason="the HF tests build their checkpoints with PyTorch transformers: "
+                            "pip install -e '.[torch]' (pyproject.toml says how to get the CPU build)")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402  (after the skip: its models need torch)
 
 PARITY_TOL = 1e-4
 BATCH, SEQ = 2, 256  # positions up to 255: 4x the llama3 config's original_max_position_embeddings
