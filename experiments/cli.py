@@ -18,7 +18,6 @@ import sys
 from absl import app, flags
 
 from llama_jax.errors import Interrupted, LlamaJaxError
-from llama_jax.inference import inference_mesh
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a usage error too.")
 
@@ -30,6 +29,8 @@ _MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Mesh tensor axis size (te
 
 def mesh(default_data: int):
     """The --mesh_* flags as a mesh; `default_data` is the data axis when --mesh_data is unset."""
+    from llama_jax.inference import inference_mesh  # here: --help and flag errors need no JAX or Orbax
+
     data = default_data if _MESH_DATA.value is None else _MESH_DATA.value
     return inference_mesh(data, _MESH_FSDP.value, _MESH_TENSOR.value)
 

@@ -1,7 +1,7 @@
 """Lazy package faces (PEP 562): `from llama_jax import Llama` imports llama_jax.model, and only that.
 
 A package __init__ that imported every name's module eagerly made `import llama_jax.model` load the whole
-project (TensorFlow Datasets, Orbax, jinja2: 8.5 s) through the package face.
+project (TensorFlow Datasets, Orbax, jinja2) through the package face.
 """
 
 from __future__ import annotations
