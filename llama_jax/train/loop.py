@@ -95,13 +95,7 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
     run.done = run.start
     if distributed.is_main_process():
-        checkpoint.write_config(workdir, exp.to_dict())
-        if base_ref is not None:
-            write_base_ref(workdir, base_ref)
-        template = chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
-        if template is not None and exp.data.format == "sft":  # the template writes the training text
-            chat.warn_missing_control_tokens(template, tokenizer)
-        truncate_metrics(workdir, run.start)  # rows past the start are recomputed (each step logged once)
+        _write_workdir(exp, workdir, tokenizer, base_ref, run.start)
     writer = MetricWriter(workdir, enabled=distributed.is_main_process())
     with contextlib.closing(writer):
         all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match), *extra_hooks]
@@ -109,6 +103,18 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
             all_hooks.append(hooks.Heartbeat(lock))
         _loop(run, all_hooks, train_data)
     return {**run.last, "step": run.done}
+
+
+def _write_workdir(exp: Experiment, workdir: str, tokenizer, base_ref, start: int) -> None:
+    """What the run writes before its first step: config.json, a LoRA run's base reference, the tokenizer
+    with its chat template, and metrics.jsonl cut back to `start`."""
+    checkpoint.write_config(workdir, exp.to_dict())
+    if base_ref is not None:
+        write_base_ref(workdir, base_ref)
+    template = chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
+    if template is not None and exp.data.format == "sft":  # the template writes the training text
+        chat.warn_missing_control_tokens(template, tokenizer)
+    truncate_metrics(workdir, start)  # rows past the start are recomputed (each step logged once)
 
 
 @contextlib.contextmanager
