@@ -41,6 +41,25 @@ def quiet_logs() -> None:
     logging.getLogger("llama_jax").setLevel(logging.INFO)
 
 
+def skip_the_tpu_backend_without_a_tpu() -> None:
+    """Use the CPU when libtpu is installed (the `tpu` extra) but no TPU chip is attached and no platform
+    was asked for (JAX_PLATFORMS unset). Otherwise JAX initializes the TPU backend anyway, and libtpu
+    (0.0.50 and newer) prints a screen of errors about TPU worker hostnames and the accelerator type on
+    every command. Compiling for TPU slices (tools/tpu.py, the planner) needs no TPU backend. Leaves a
+    machine with a GPU plugin installed as it is: its platform is not ours to guess."""
+    import importlib.util
+    import pkgutil
+
+    import jax  # its import sets TPU_SKIP_MDS_QUERY=1 when no TPU chip is attached (jax's cloud_tpu_init)
+
+    if (jax.config.jax_platforms or os.environ.get("JAX_FORCE_TPU_INIT")
+            or os.environ.get("TPU_SKIP_MDS_QUERY") != "1" or importlib.util.find_spec("libtpu") is None):
+        return
+    if any(m.name.startswith(("jax_cuda", "jax_rocm")) for m in pkgutil.iter_modules()):
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _script_name() -> str:
     return os.path.basename(sys.argv[0]).removesuffix(".py")
 
@@ -69,6 +88,7 @@ def run(main) -> None:
     def wrapped(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag (quote values).")
+        skip_the_tpu_backend_without_a_tpu()  # after the flags: --help answers without importing JAX
         try:
             return main(argv)
         except LlamaJaxError as e:
