@@ -18,7 +18,6 @@ import sys
 from absl import app, flags
 
 from llama_jax.errors import Interrupted, LlamaJaxError
-from llama_jax.inference import inference_mesh
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a usage error too.")
 
@@ -30,6 +29,8 @@ _MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Mesh tensor axis size (te
 
 def mesh(default_data: int):
     """The --mesh_* flags as a mesh; `default_data` is the data axis when --mesh_data is unset."""
+    from llama_jax.inference import inference_mesh  # here: --help and flag errors need no JAX or Orbax
+
     data = default_data if _MESH_DATA.value is None else _MESH_DATA.value
     return inference_mesh(data, _MESH_FSDP.value, _MESH_TENSOR.value)
 
@@ -38,6 +39,25 @@ def quiet_logs() -> None:
     """Our progress at INFO; Orbax/absl chatter only when it matters."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("llama_jax").setLevel(logging.INFO)
+
+
+def skip_the_tpu_backend_without_a_tpu() -> None:
+    """Use the CPU when libtpu is installed (the `tpu` extra) but no TPU chip is attached and no platform
+    was asked for (JAX_PLATFORMS unset). Otherwise JAX initializes the TPU backend anyway, and libtpu
+    (0.0.50 and newer) prints a screen of errors about TPU worker hostnames and the accelerator type on
+    every command. Compiling for TPU slices (tools/tpu.py, the planner) needs no TPU backend. Leaves a
+    machine with a GPU plugin installed as it is: its platform is not ours to guess."""
+    import importlib.util
+    import pkgutil
+
+    import jax  # its import sets TPU_SKIP_MDS_QUERY=1 when no TPU chip is attached (jax's cloud_tpu_init)
+
+    if (jax.config.jax_platforms or os.environ.get("JAX_FORCE_TPU_INIT")
+            or os.environ.get("TPU_SKIP_MDS_QUERY") != "1" or importlib.util.find_spec("libtpu") is None):
+        return
+    if any(m.name.startswith(("jax_cuda", "jax_rocm")) for m in pkgutil.iter_modules()):
+        return
+    jax.config.update("jax_platforms", "cpu")
 
 
 def _script_name() -> str:
@@ -53,7 +73,9 @@ def _parse_flags(argv):
         text = str(e.args[0] if e.args else e)
         key = re.search(r"'(\w+)", text)
         hint = re.search(r"(Did you mean [^?]*\?)", text)
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        # The flag that holds the unknown name (a field or a section), not every --config flag given.
+        bad = [f for f in given if key and key.group(1) in f.split(".")[1:]] or given
         print(f"{_script_name()}: no such config field {key.group(1) if key else text!r} (in "
               f"{', '.join(bad)}). {hint.group(1) + ' ' if hint else ''}The fields are those of the config "
               "file's sections (llama_jax/experiment.py lists them).", file=sys.stderr)
@@ -66,6 +88,7 @@ def run(main) -> None:
     def wrapped(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag (quote values).")
+        skip_the_tpu_backend_without_a_tpu()  # after the flags: --help answers without importing JAX
         try:
             return main(argv)
         except LlamaJaxError as e:

@@ -33,7 +33,6 @@ from absl import flags
 
 from experiments import cli
 from llama_jax.errors import ConfigError
-from llama_jax.inference import chat_reply, check_messages, load_chat_template, load_workdir, sample_text
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir (from training or convert_hf).", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (may be empty: then only BOS is the prompt); "
@@ -53,6 +52,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 
 def _messages() -> list[dict] | None:
     """The conversation of --messages or --chat --prompt; None for plain continuation."""
+    from llama_jax.inference import check_messages
     if _MESSAGES.value:
         if _CHAT.value and _PROMPT.value:
             raise ConfigError("give --messages=FILE or --chat --prompt=TEXT, not both.")
@@ -73,10 +73,18 @@ def _messages() -> list[dict] | None:
 
 
 def main(argv):
+    # Imported here, not at the top: --help and a bad flag answer in a second, without loading the model,
+    # checkpointing and data stacks (benchmarks/startup.py).
+    from llama_jax import checkpoint
+    from llama_jax.inference import chat_reply, load_chat_template, load_workdir, sample_text
+
     logging.getLogger().setLevel(logging.WARNING)
     messages = _messages()  # a bad flag or file fails before the params load
     mesh = cli.mesh(default_data=1)  # one device unless asked: decoding one prompt gains nothing from more
     model_config, params, tokenizer, experiment = load_workdir(_WORKDIR.value, mesh, step=_STEP.value)
+    step = checkpoint.latest_step(_WORKDIR.value) if _STEP.value is None else _STEP.value
+    checkpoint.check_finite(params, where=f"{_WORKDIR.value} step {step}", advice="Sample an earlier checkpoint "
+                            f"with --step=N (the steps are {checkpoint.all_steps(_WORKDIR.value)}).")
     options = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                    top_p=_TOP_P.value, seed=_SEED.value)
     if messages is not None:

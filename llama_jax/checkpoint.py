@@ -13,10 +13,12 @@ one written by training are read the same way. Resuming restores all three items
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,6 +39,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 DISCARDED_DIR = "discarded"
+
+log = logging.getLogger(__name__)
 
 
 def write_config(workdir, config: dict[str, Any]) -> None:
@@ -103,8 +107,14 @@ def checksums(tree) -> dict[str, int]:
 
 
 def verify(tree, expected: dict[str, int] | None, *, where: str, advice: str) -> None:
-    """Raise CheckpointError naming every array whose checksum differs from the one saved with it."""
-    if expected is None:  # written before checksums existed
+    """Raise CheckpointError naming every array whose checksum differs from the one saved with it; with no
+    record (`expected` None) warn loudly: the arrays cannot be checked, and a flipped bit would pass."""
+    if expected is None:
+        log.warning(
+            "%s has no readable checksum record (written before checksums existed, or its checksums/ item is "
+            "missing or damaged): it is restored UNVERIFIED, and a damaged array would go unnoticed. %s",
+            where, advice,
+        )
         return
     got = checksums(tree)
     bad = sorted(k for k in got if expected.get(k) != got[k])
@@ -114,6 +124,26 @@ def verify(tree, expected: dict[str, int] | None, *, where: str, advice: str) ->
             f"{where} is damaged: {len(bad)} array(s) differ from the checksums written with it ({shown}). "
             f"{advice}"
         )
+
+
+_finite_jit = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_arrays(tree) -> list[str]:
+    """The paths of the floating-point leaves of `tree` holding a NaN or an infinity (one jitted pass)."""
+    flat = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jax.device_get(_finite_jit([x for _, x in flat]))
+    return [path for (path, _), ok in zip(flat, finite) if not ok]
+
+
+def check_finite(tree, *, where: str, advice: str, error: type[Exception] = CheckpointError) -> None:
+    """Raise `error` naming the arrays of `tree` that hold a NaN or an infinity: a diverged or damaged model
+    whose use would print garbage (NUL bytes from a sampler) with a zero exit status."""
+    bad = nonfinite_arrays(tree)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise error(f"{where} holds non-finite params: {len(bad)} array(s) with NaN or inf ({shown}). {advice}")
 
 
 def all_steps(workdir) -> list[int]:
@@ -151,8 +181,12 @@ def restore_params(workdir, abstract_params, step: int | None = None):
             f"no complete checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train first or point "
             "--workdir at a directory that has one."
         )
+    where = f"{workdir}/{CHECKPOINT_DIR}/{step}"
     with manager(workdir) as mngr:
-        items = mngr.item_metadata(step)
+        older = [s for s in mngr.all_steps() if s < step]
+        advice = f"Use an older checkpoint with --step={max(older)}." if older else "It is the only checkpoint."
+        with _read_or_refuse(where, advice):
+            items = mngr.item_metadata(step)
         stored = items["params"] if items is not None and "params" in items else None
         target = abstract_params
         if stored is not None and ("layers" in stored) != ("layers" in abstract_params):
@@ -162,18 +196,10 @@ def restore_params(workdir, abstract_params, step: int | None = None):
         if stored is not None:
             check_shapes(target, stored, where=f"{workdir} step {step}")
             target = _as_stored_dtypes(target, stored)
-        args = {"params": ocp.args.StandardRestore(target)}
-        if _has_item(items, "checksums"):
-            args["checksums"] = ocp.args.JsonRestore()
-        older = [s for s in mngr.all_steps() if s < step]
-        advice = f"Use an older checkpoint with --step={max(older)}." if older else "It is the only checkpoint."
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:
-            raise CheckpointError(f"could not read params of {workdir} at step {step}: {e}\n{advice}") from e
-    params = restored["params"]
-    verify(params, (restored.get("checksums") or {}).get("params"), where=f"{workdir}/{CHECKPOINT_DIR}/{step}",
-           advice=advice)
+        with _read_or_refuse(where, advice):
+            params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+        sums = _read_checksums(mngr, step, items)
+    verify(params, sums.get("params"), where=where, advice=advice)
     if target is not abstract_params:  # another layout and/or dtype; each relayout is the identity on its own
         relayout = stack_layers if "layers" in abstract_params else unstack_layers
         shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract_params)
@@ -181,6 +207,59 @@ def restore_params(workdir, abstract_params, step: int | None = None):
         params = jax.jit(lambda p: jax.tree.map(lambda x, d: x.astype(d), relayout(p), dtypes),
                          out_shardings=shardings)(params)
     return params
+
+
+@contextlib.contextmanager
+def _read_or_refuse(where: str, advice: str):
+    """Turn a failed Orbax/TensorStore read of checkpoint `where` (a damaged metadata, b-tree or data file)
+    into one CheckpointError line: what failed first, and `advice`; the full error stays its __cause__."""
+    _quiet_orbax_leftovers()  # before the read: its leftovers start printing before the error reaches here
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where} cannot be read, its files are damaged ({_first_line(e)}). {advice}") from e
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """The gist of an Orbax/TensorStore error: its first line without the TensorStore spec (a page of JSON)."""
+    text = str(e).split("\n", 1)[0]
+    for spec in (" [tensorstore_spec=", " See full TensorStore details"):
+        text = text.split(spec, 1)[0]
+    text = text.strip().rstrip(".") or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _LeftoverTaskFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+_quieted = False
+
+
+def _quiet_orbax_leftovers() -> None:
+    """When one read fails, Orbax closes its event loop while the checkpoint's other reads are still in
+    flight; each then prints a traceback ("Event loop is closed", or its abandoned coroutine's error, through
+    sys.unraisablehook; "Task exception was never retrieved" through asyncio's logger): a screen of noise
+    around the one-line error. Drop exactly those, for the rest of the process; every other unraisable error
+    and log record still shows."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        abandoned_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or abandoned_read):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_LeftoverTaskFilter())
 
 
 def _as_stored_dtypes(target, stored):
@@ -256,7 +335,7 @@ def discard_after(workdir, step: int) -> list[int]:
         (root / DISCARDED_DIR).mkdir(parents=True, exist_ok=True)
         (root / CHECKPOINT_DIR / str(s)).rename(root / DISCARDED_DIR / f"{s}-{stamp}")
     if moved:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "resume_step=%d: moved the newer checkpoint(s) %s to %s", step, moved, root / DISCARDED_DIR
         )
     return moved
@@ -288,40 +367,75 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, train_state
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_train_state):
-    """(params, train state, data state) of `step`, restored onto the abstract targets' shardings."""
-    try:
-        stored = mngr.item_metadata(step)
-        if stored is not None and "rng" in (stored.get("train_state") or {}):
-            raise CheckpointError(
-                f"{mngr.directory}/{step} was written by an older llama_jax (its train state holds a dropout "
-                "rng that the model never used), so it cannot be resumed. Its params still evaluate and "
-                "sample; to keep training from them start a new run with "
-                f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
-            )
-        args = {
-            "params": ocp.args.StandardRestore(abstract_params),
-            "train_state": ocp.args.StandardRestore(abstract_train_state),
-            "data_state": ocp.args.JsonRestore(),
-        }
-        if _has_item(stored, "checksums"):
-            args["checksums"] = ocp.args.JsonRestore()
-        out = mngr.restore(step, args=ocp.args.Composite(**args))
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(
-            f"could not restore the training state of step {step} from {mngr.directory}: {e}\n"
-            "If the model or optimizer config changed, use a new --workdir; if the checkpoint is damaged, "
-            f"move {mngr.directory}/{step} aside to resume from the one before."
-        ) from e
-    sums = out.get("checksums") or {}
+    """(params, train state, data state) of `step`, restored onto the abstract targets' shardings.
+
+    A checkpoint whose arrays do not fit the targets (a config change that alters what is trained, even
+    with allow_config_change) is refused saying so; one that cannot be read is refused as damaged."""
+    where = f"{mngr.directory}/{step}"
     older = [s for s in mngr.all_steps() if s < step]
     advice = (f"Resume from an older one with --config.resume_step={max(older)}." if older
               else "It is the only checkpoint: start a new run.")
-    where = f"{mngr.directory}/{step}"
+    with _read_or_refuse(where, advice):
+        stored = mngr.item_metadata(step)
+    if stored is not None and "rng" in (stored.get("train_state") or {}):
+        raise CheckpointError(
+            f"{where} was written by an older llama_jax (its train state holds a dropout "
+            "rng that the model never used), so it cannot be resumed. Its params still evaluate and "
+            "sample; to keep training from them start a new run with "
+            f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
+        )
+    if stored is not None:
+        _check_resumable(where, epath.Path(mngr.directory).parent, {"params": abstract_params, "train_state": abstract_train_state},
+                         {"params": stored.get("params"), "train_state": stored.get("train_state")})
+    with _read_or_refuse(where, advice):
+        out = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            train_state=ocp.args.StandardRestore(abstract_train_state),
+            data_state=ocp.args.JsonRestore(),
+        ))
+    sums = _read_checksums(mngr, step, stored)
     verify(out["params"], sums.get("params"), where=where, advice=advice)
     verify(out["train_state"], sums.get("train_state"), where=where, advice=advice)
     return out["params"], out["train_state"], out["data_state"]
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"params/embed/embedding": shape, ...}: paths by key name, so a saved tree (Orbax stores optax's
+    named tuples as dicts) and the live one compare equal."""
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return {"/".join(name(k) for k in path): tuple(getattr(x, "shape", ()))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_resumable(where: str, workdir, expected, stored) -> None:
+    """Refuse, naming the arrays, a checkpoint whose params or optimizer state the config no longer fits:
+    allow_config_change carries over changes that keep them (lr, schedule, clipping, data), not these."""
+    want, got = _leaf_shapes(expected), _leaf_shapes(stored)
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if not diff:
+        return
+    shown = ", ".join(f"{k}: checkpoint {got.get(k, 'absent')}, config {want.get(k, 'absent')}" for k in diff[:3])
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    fix = ("train the new model in a new --workdir" if any(k.startswith("params/") for k in diff) else
+           f"start a new --workdir from these params with --config.init_from={workdir} (fresh optimizer state)")
+    raise ConfigMismatchError(
+        f"{where} cannot be resumed with this config: it changes the shapes of the params or optimizer state "
+        f"({len(diff)} arrays differ: {shown}{more}), which --config.allow_config_change cannot carry over. "
+        f"Undo that change (the run's config is {workdir}/{CONFIG_FILE}), or {fix}."
+    )
+
+
+def _read_checksums(mngr: ocp.CheckpointManager, step: int, items) -> dict:
+    """The checksum record of `step`; {} when it is missing or unreadable, which `verify` warns about. Read
+    on its own, so a damaged record costs the verification, not the restore of intact arrays."""
+    if not _has_item(items, "checksums"):
+        return {}
+    try:
+        record = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+    except Exception:  # any damage to the record: the warning names the checkpoint
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _has_item(items, name: str) -> bool:

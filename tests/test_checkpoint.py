@@ -1,6 +1,7 @@
 """Checkpoints: shape checks that name every param, restoring across scan_layers layouts, older layouts."""
 
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -114,3 +115,42 @@ def test_a_workdir_written_before_a_field_existed_still_resumes(tmp_path):
     changed = {**new, "model": {**new["model"], "loss_chunk": 64}}
     with pytest.raises(errors.ConfigMismatchError, match="model.loss_chunk: 0 -> 64"):
         checkpoint.check_resume_config(tmp_path, changed)
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_a_checkpoint_without_a_readable_checksum_record_restores_only_with_a_loud_warning(tmp_path, caplog, damage):
+    """Without its record a flipped bit would restore silently: the restore must say so, name the checkpoint
+    and the older one to use."""
+    params = init_params(CFG, jax.random.key(0))
+    for step in (1, 2):
+        checkpoint.save_params(tmp_path, params, step=step)
+    record = tmp_path / "checkpoints" / "2" / "checksums"
+    if damage == "missing":
+        shutil.rmtree(record)
+    else:
+        for f in record.rglob("*"):
+            if f.is_file():
+                f.write_text("{not json")
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        got = checkpoint.restore_params(tmp_path, param_shapes(CFG))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert re.search(r"checkpoints/2 has no readable checksum record .* UNVERIFIED.* --step=1", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("damaged", ["_METADATA", "manifest.ocdbt", "d"])
+def test_a_damaged_orbax_metadata_or_btree_file_is_one_line_naming_the_older_step(tmp_path, damaged):
+    """What eval_ppl, sample and load_workdir read: a damaged metadata, manifest or b-tree node file is the
+    same one-line CheckpointError as damaged data, without Orbax's traceback or TensorStore's spec dump."""
+    params = init_params(CFG, jax.random.key(0))
+    for step in (1, 2):
+        checkpoint.save_params(tmp_path, params, step=step)
+    root = tmp_path / "checkpoints" / "2" / "params"
+    target = next((root / "d").iterdir()) if damaged == "d" else root / damaged  # d/: the b-tree nodes
+    target.write_bytes(b"\0garbage" * 4)
+    with pytest.raises(errors.CheckpointError) as e:
+        checkpoint.restore_params(tmp_path, param_shapes(CFG))
+    message = str(e.value)
+    assert re.fullmatch(r".*/checkpoints/2 cannot be read, its files are damaged \(.+\)\. Use an older checkpoint with --step=1\.",
+                        message), message
+    assert "tensorstore_spec" not in message and len(message) < 600

@@ -31,7 +31,9 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import os
+import re
 from collections.abc import Sequence
 
 import jinja2
@@ -43,6 +45,8 @@ from etils import epath
 
 from llama_jax.data.config import DataConfig
 from llama_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 # ChatML, as Qwen2 / SmolLM2 / OpenHermes ship it (SmolLM2 adds a default system prompt).
 CHATML = (
@@ -274,6 +278,33 @@ def load_template(
     directory = tokenizer_spec if os.path.isdir(tokenizer_spec) else os.path.dirname(tokenizer_spec)
     found = template_in_dir(directory or ".")
     return None if found is None else ChatTemplate(found[0], found[1], specials)
+
+
+_CONTROL_TOKEN = re.compile(r"<\|[^|<>\s]+\|>")  # "<|im_start|>", "<|eot_id|>": ChatML's and Llama-3's form
+
+
+def missing_control_tokens(template: ChatTemplate, tokenizer) -> list[str]:
+    """The control tokens ("<|im_start|>", "<|eot_id|>", ...) `template` writes that are no special token of
+    `tokenizer`, sorted. Each is then several ordinary tokens: the model must learn it as text, and sampling
+    cannot stop at an end-of-turn id."""
+    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    try:
+        text = template.render(messages, add_generation_prompt=True, where="the control-token probe")
+    except DataError:  # a template that cannot render for this tokenizer says so, naming the record, when used
+        return []
+    return sorted(set(_CONTROL_TOKEN.findall(text)) - set(tokenizer.special_tokens()))
+
+
+def warn_missing_control_tokens(template: ChatTemplate, tokenizer) -> None:
+    """Log a warning naming the control tokens of `template` that `tokenizer` lacks (missing_control_tokens)."""
+    missing = missing_control_tokens(template, tokenizer)
+    if missing:
+        log.warning(
+            "chat template %s writes control tokens that the tokenizer does not have as special tokens: %s. Each "
+            "is encoded as %d ordinary tokens or more, which the model must learn as text; use a tokenizer that "
+            "has them (an HF tokenizer.json with them as added tokens) or a template whose tokens it has.",
+            template.name, missing, min(len(tokenizer.encode(t)) for t in missing),
+        )
 
 
 _PROBE = "llama_jax end-of-turn probe"

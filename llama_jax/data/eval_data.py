@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from llama_jax.data import cache as token_cache
-from llama_jax.data import sft
+from llama_jax.data import files, sft
 from llama_jax.data.config import DataConfig
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of, window_layout
 from llama_jax.data.sources import Documents, check_no_leak, no_text, source_for_role
@@ -182,5 +182,4 @@ def text_file_documents(path: str) -> Documents:
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
         raise DataError(f"text file {path} does not exist (relative paths start at {os.getcwd()}).")
-    with open(full, encoding="utf-8") as f:
-        return Documents.from_texts([f.read()], name=f"file {path}")
+    return Documents.from_texts([files.read_text(full, "--text_file")], name=f"file {path}")

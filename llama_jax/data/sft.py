@@ -52,30 +52,7 @@ def _kind(v) -> str:
 def check_record(where: str, record: dict) -> str:
     """ "chat" or "prompt" for a well-formed record; otherwise a DataError at `where` (path:line)."""
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(
-                f'{where}: "messages" is {_kind(messages)}{" (empty)" if messages == [] else ""}; '
-                'it must be a non-empty array of {"role": ..., "content": ...} objects.'
-            )
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: message {i} is {_kind(m)}, not an object with role and content.")
-            if m.get("role") not in chat.ROLES:
-                raise DataError(
-                    f"{where}: message {i} has role {m.get('role')!r}; the roles are {chat.ROLES}. Fix "
-                    "the record (tool turns are not supported)."
-                )
-            if not isinstance(m.get("content"), str):
-                raise DataError(
-                    f"{where}: message {i} ({m['role']}) has content {_kind(m.get('content'))}, not a "
-                    "string (content blocks and missing content are not supported)."
-                )
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(
-                f"{where}: the conversation has no assistant turn, so nothing to train on; add one or "
-                "remove the record."
-            )
+        _check_messages(where, record["messages"])
         return "chat"
     if "prompt" in record and "completion" in record:
         for key in ("prompt", "completion"):
@@ -86,6 +63,33 @@ def check_record(where: str, record: dict) -> str:
         f'{where}: an SFT record has "messages", or "prompt" and "completion"; this one has '
         f"fields {sorted(record)}."
     )
+
+
+def _check_messages(where: str, messages) -> None:
+    """A DataError at `where` unless `messages` is a non-empty list of {role, content} with an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f'{where}: "messages" is {_kind(messages)}{" (empty)" if messages == [] else ""}; '
+            'it must be a non-empty array of {"role": ..., "content": ...} objects.'
+        )
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} is {_kind(m)}, not an object with role and content.")
+        if m.get("role") not in chat.ROLES:
+            raise DataError(
+                f"{where}: message {i} has role {m.get('role')!r}; the roles are {chat.ROLES}. Fix "
+                "the record (tool turns are not supported)."
+            )
+        if not isinstance(m.get("content"), str):
+            raise DataError(
+                f"{where}: message {i} ({m['role']}) has content {_kind(m.get('content'))}, not a "
+                "string (content blocks and missing content are not supported)."
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f"{where}: the conversation has no assistant turn, so nothing to train on; add one or "
+            "remove the record."
+        )
 
 
 class Formatter:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from llama_jax import checkpoint, sharding
 from llama_jax.data import TEMPLATES, ChatTemplate, Tokenizer, check_vocab, load_template, load_tokenizer
+from llama_jax.data.chat import warn_missing_control_tokens
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.lora.workdir import restore_model_params
 from llama_jax.model import ModelConfig, param_shapes
@@ -74,6 +75,7 @@ def load_chat_template(workdir, tokenizer: Tokenizer, spec: str = "") -> ChatTem
             f"{checkpoint.tokenizer_dir(workdir)} has no chat template (chat_template.jinja, or chat_template in "
             f"tokenizer_config.json): pass --chat_template=NAME ({', '.join(sorted(TEMPLATES))}) or a .jinja file."
         )
+    warn_missing_control_tokens(template, tokenizer)
     return template
 
 

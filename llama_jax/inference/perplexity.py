@@ -18,6 +18,7 @@ Sliding windows (`--stride`): llama_jax/data/eval_data.py.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 
@@ -33,6 +34,8 @@ from llama_jax.errors import ConfigError, DataError
 from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
 from llama_jax.model import Llama, ModelConfig, batch_loss_sums, for_platform
+
+log = logging.getLogger(__name__)
 
 _MAX_EXP_ARG = math.log(sys.float_info.max)
 
@@ -213,6 +216,7 @@ def evaluate_workdir(
     mesh = inference_mesh(data=-1) if mesh is None else mesh
     model_config, params, tokenizer, experiment = load_workdir(workdir_path, mesh, step=step)
     d = workdir_data_config(experiment, tokenizer, data_overrides, split)
+    defaulted = not seq_len and not experiment.get("seq_len")  # an imported workdir: nothing to go by
     seq_len = seq_len or int(experiment.get("seq_len", 0)) or min(model_config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     if seq_len > model_config.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}.")
@@ -220,6 +224,11 @@ def evaluate_workdir(
     if not batch_size:
         batch_size = int(d.eval_batch_size or experiment.get("batch_size", 0) or shards)
         batch_size = -(-batch_size // shards) * shards
+    if defaulted:
+        # Perplexity depends on the window (more context, lower loss): say which one this number is for.
+        log.warning("%s records no training seq_len (an imported checkpoint): scoring windows of seq_len=%d "
+                    "(min(max_seq_len, %d)) in batches of %d; pass --seq_len=N to compare with an evaluation "
+                    "at another length.", workdir_path, seq_len, DEFAULT_MAX_SEQ_LEN, batch_size)
     sets = {"text_file": docs} if docs is not None else source_documents(d, "eval")
     results, names = {}, {}
     for name, set_docs in sets.items():

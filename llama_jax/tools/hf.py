@@ -446,6 +446,9 @@ def import_to_workdir(hf_dir, workdir, *, scan_layers: bool = False, dtype: str 
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise HFImportError(f"workdir {workdir} exists and is not empty; choose a new --workdir.")
     cfg, params = load_hf_llama(hf_dir, scan_layers=scan_layers, dtype=dtype)
+    overflow = "weights past 65504 overflow float16: import with --dtype=bfloat16 or float32."
+    checkpoint.check_finite(params, where=str(hf_dir), error=HFImportError,
+                            advice=overflow if dtype == "float16" else "Import an intact checkpoint.")
     hf_config = json.loads((hf_dir / CONFIG_FILE).read_text())
     source = {"hf_dir": str(hf_dir), **{k: hf_config[k] for k in TOKEN_ID_KEYS if k in hf_config}}
     with _atomic_dir(workdir) as tmp:
@@ -470,6 +473,9 @@ def export_from_workdir(workdir, hf_dir, *, dtype: str | None = None, step: int 
     config_to_hf(cfg)  # fail on an unexportable architecture before reading any weights
     # A LoRA run's adapters are merged into its base: the export is an ordinary checkpoint.
     params = restore_model_params(workdir, checkpoint.read_config(workdir), model.param_shapes(cfg), step=step)
+    step = checkpoint.latest_step(workdir) if step is None else step
+    checkpoint.check_finite(params, where=f"{workdir} step {step}", error=HFExportError,
+                            advice=f"Export an earlier checkpoint with --step=N (the steps are {checkpoint.all_steps(workdir)}).")
     with _atomic_dir(hf_dir) as tmp:
         _write_hf_files(tmp, cfg, params, dtype or cfg.param_dtype, DEFAULT_MAX_SHARD_BYTES, extra)
         _copy_tokenizer_files(pathlib.Path(checkpoint.tokenizer_dir(workdir)), tmp)

@@ -202,11 +202,7 @@ def _resolve(comps, comp: Computation, name: str, frame=None, depth: int = 0):
         idx = int(ins.operand_text)
         return _resolve(comps, caller, operands[idx], caller_frame, depth + 1) if idx < len(operands) else None
     if op == "get-tuple-element" and ins.operands:
-        src = comp.instructions.get(ins.operands[0])
-        m = re.search(r"\bindex=(\d+)", ins.attrs)
-        if src is not None and src.opcode == "parameter" and frame is None and m:
-            return ("elem", int(m.group(1)))
-        return None
+        return _resolve_element(comp, ins, frame)
     if op == "fusion" and ins.operands:
         callee = dict(_callees(ins)).get("calls")
         if callee in comps and comps[callee].root is not None:
@@ -215,13 +211,27 @@ def _resolve(comps, comp: Computation, name: str, frame=None, depth: int = 0):
         return None
     if op in ("add", "subtract") and len(ins.operands) == 2:
         a, b = (_resolve(comps, comp, o, frame, depth + 1) for o in ins.operands)
-        sign = 1 if op == "add" else -1
-        if a and b and a[0] == "const" and b[0] == "const":
-            return ("const", a[1] + sign * b[1])
-        if a and a[0] == "elem" and b and b[0] == "const":
-            return ("elem+", a[1], sign * b[1])
-        if op == "add" and b and b[0] == "elem" and a and a[0] == "const":
-            return ("elem+", b[1], a[1])
+        return _resolve_sum(a, b, 1 if op == "add" else -1)
+    return None
+
+
+def _resolve_element(comp: Computation, ins: Instruction, frame):
+    """A get-tuple-element of the computation's own tuple parameter: ('elem', k)."""
+    src = comp.instructions.get(ins.operands[0])
+    m = re.search(r"\bindex=(\d+)", ins.attrs)
+    if src is not None and src.opcode == "parameter" and frame is None and m:
+        return ("elem", int(m.group(1)))
+    return None
+
+
+def _resolve_sum(a, b, sign: int):
+    """a + sign * b, for resolved values a and b (see _resolve), when it is one of its forms."""
+    if a and b and a[0] == "const" and b[0] == "const":
+        return ("const", a[1] + sign * b[1])
+    if a and a[0] == "elem" and b and b[0] == "const":
+        return ("elem+", a[1], sign * b[1])
+    if sign == 1 and b and b[0] == "elem" and a and a[0] == "const":
+        return ("elem+", b[1], a[1])
     return None
 
 
@@ -250,7 +260,26 @@ def _trip_count(comps, parent: Computation, w: Instruction, cond_name: str, body
     cond, body = comps.get(cond_name), comps.get(body_name)
     if cond is None or body is None or cond.root is None or body.root is None:
         return None
-    # The condition's compare, possibly inside a fusion.
+    bound = _loop_bound(comps, cond)
+    if bound is None:
+        return None
+    k, limit, direction = bound
+    # The induction variable's start, in the tuple the while is given, and its step, in the body's root.
+    init_tuple = parent.instructions.get(w.operands[0]) if w.operands else None
+    if init_tuple is None or init_tuple.opcode != "tuple" or k >= len(init_tuple.operands):
+        return None
+    init = _resolve(comps, parent, init_tuple.operands[k])
+    if body.root.opcode != "tuple" or k >= len(body.root.operands):
+        return None
+    nxt = _resolve(comps, body, body.root.operands[k])
+    if not init or init[0] != "const" or not nxt or nxt[0] != "elem+" or nxt[1] != k:
+        return None
+    return _count(init[1], limit, nxt[2], direction)
+
+
+def _loop_bound(comps, cond: Computation) -> tuple[int, int, str] | None:
+    """(k, limit, direction) of a loop condition `element k <direction> limit`: its root compare, possibly
+    inside a fusion; None when it is not of that form."""
     cmp_comp, cmp, frame = cond, cond.root, None
     if cmp.opcode == "fusion":
         callee = dict(_callees(cmp)).get("calls")
@@ -268,18 +297,7 @@ def _trip_count(comps, parent: Computation, w: Instruction, cond_name: str, body
         lhs, rhs, direction = rhs, lhs, _FLIP[direction]
     if lhs[0] != "elem" or rhs[0] != "const":
         return None
-    k, limit = lhs[1], rhs[1]
-    # The induction variable's start, in the tuple the while is given, and its step, in the body's root.
-    init_tuple = parent.instructions.get(w.operands[0]) if w.operands else None
-    if init_tuple is None or init_tuple.opcode != "tuple" or k >= len(init_tuple.operands):
-        return None
-    init = _resolve(comps, parent, init_tuple.operands[k])
-    if body.root.opcode != "tuple" or k >= len(body.root.operands):
-        return None
-    nxt = _resolve(comps, body, body.root.operands[k])
-    if not init or init[0] != "const" or not nxt or nxt[0] != "elem+" or nxt[1] != k:
-        return None
-    return _count(init[1], limit, nxt[2], direction)
+    return lhs[1], rhs[1], direction
 
 
 # ------------------------------------------------------------------------------------------ the summary
@@ -385,46 +403,8 @@ def analyze(hlo_text: str) -> HloSummary:
     entry = next((c for c in comps.values() if c.is_entry), None)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-
-    # Call graph edges with their repeat factor; while loops get theirs from the trip count.
-    loops: list[Loop] = []
-    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for comp in comps.values():
-        for ins in comp.instructions.values():
-            callees = _callees(ins)
-            if ins.opcode == "while":
-                roles = dict(callees)
-                body, cond = roles.get("body"), roles.get("condition")
-                trip = _trip_count(comps, comp, ins, cond, body)
-                loops.append(Loop(ins.name, comp.name, body, cond, trip))
-                n = 1 if trip is None else trip
-                edges[comp.name] += [(body, n), (cond, n + 1 if trip is not None else 1)]
-            else:
-                edges[comp.name] += [(callee, 1) for _, callee in callees]
-
-    # Executions per run: sum over call sites of caller executions x factor, in topological order.
-    reachable, stack = {entry.name}, [entry.name]
-    while stack:
-        for callee, _ in edges[stack.pop()]:
-            if callee in comps and callee not in reachable:
-                reachable.add(callee)
-                stack.append(callee)
-    indegree = {c: 0 for c in reachable}
-    for c in reachable:
-        for callee, _ in edges[c]:
-            if callee in indegree:
-                indegree[callee] += 1
-    multipliers = {c: 0 for c in comps} | {entry.name: 1}
-    ready = [c for c, d in indegree.items() if d == 0]
-    while ready:
-        c = ready.pop()
-        for callee, factor in edges[c]:
-            if callee in indegree:
-                multipliers[callee] += multipliers[c] * factor
-                indegree[callee] -= 1
-                if indegree[callee] == 0:
-                    ready.append(callee)
-
+    loops, edges = _call_graph(comps)
+    multipliers = _multipliers(comps, entry.name, edges)
     collectives = {kind: [0, 0] for kind in COLLECTIVE_KINDS}
     custom_calls: dict[str, int] = defaultdict(int)
     flops = 0
@@ -435,19 +415,15 @@ def analyze(hlo_text: str) -> HloSummary:
             continue
         shapes = {i.name: i.shape for i in comp.instructions.values()}
         for ins in comp.instructions.values():
-            kind = None if comp.name in rs_comps else _collective_kind(ins.opcode)
-            if ins.opcode == "fusion" and dict(_callees(ins)).get("calls") in rs_comps:
-                kind = "reduce-scatter"
+            kind = _collective_of(ins, comp.name, rs_comps)
             if kind is not None:
                 collectives[kind][0] += n
                 collectives[kind][1] += n * shape_bytes(ins.shape)
-            elif ins.opcode == "dot":
-                flops += n * dot_flops(ins, shapes[ins.operands[0]])
-            elif ins.opcode == "convolution":
-                flops += n * convolution_flops(ins, shapes[ins.operands[0]], shapes[ins.operands[1]])
             elif ins.opcode == "custom-call":
                 m = re.search(r'custom_call_target="([^"]*)"', ins.raw_attrs)
                 custom_calls[m.group(1) if m else "?"] += n
+            else:
+                flops += n * _matmul_flops(ins, shapes)
     return HloSummary(
         loops=tuple(loops),
         multipliers=multipliers,
@@ -455,3 +431,72 @@ def analyze(hlo_text: str) -> HloSummary:
         matmul_flops=flops,
         custom_calls=dict(custom_calls),
     )
+
+
+def _call_graph(comps) -> tuple[list[Loop], dict[str, list[tuple[str, int]]]]:
+    """The while loops, and the call graph's edges {caller: [(callee, times per caller execution)]}: a
+    loop's body runs trip-count times and its condition once more (an unknown trip count counts once)."""
+    loops: list[Loop] = []
+    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for comp in comps.values():
+        for ins in comp.instructions.values():
+            callees = _callees(ins)
+            if ins.opcode != "while":
+                edges[comp.name] += [(callee, 1) for _, callee in callees]
+                continue
+            roles = dict(callees)
+            body, cond = roles.get("body"), roles.get("condition")
+            trip = _trip_count(comps, comp, ins, cond, body)
+            loops.append(Loop(ins.name, comp.name, body, cond, trip))
+            n = 1 if trip is None else trip
+            edges[comp.name] += [(body, n), (cond, n + 1 if trip is not None else 1)]
+    return loops, edges
+
+
+def _multipliers(comps, entry: str, edges) -> dict[str, int]:
+    """Executions per run of every computation (0: unreachable): the sum over its call sites of the
+    caller's executions times the edge's factor, in topological order from the entry."""
+    reachable = _reachable(comps, entry, edges)
+    indegree = dict.fromkeys(reachable, 0)
+    for c in reachable:
+        for callee, _ in edges[c]:
+            if callee in indegree:
+                indegree[callee] += 1
+    multipliers = dict.fromkeys(comps, 0) | {entry: 1}
+    ready = [c for c, d in indegree.items() if d == 0]
+    while ready:
+        c = ready.pop()
+        for callee, factor in edges[c]:
+            if callee in indegree:
+                multipliers[callee] += multipliers[c] * factor
+                indegree[callee] -= 1
+                if indegree[callee] == 0:
+                    ready.append(callee)
+    return multipliers
+
+
+def _reachable(comps, entry: str, edges) -> set[str]:
+    reachable, stack = {entry}, [entry]
+    while stack:
+        for callee, _ in edges[stack.pop()]:
+            if callee in comps and callee not in reachable:
+                reachable.add(callee)
+                stack.append(callee)
+    return reachable
+
+
+def _collective_of(ins: Instruction, comp: str, rs_comps: set[str]) -> str | None:
+    """The collective kind an instruction counts as: a fusion of a reduce-scatter computation is one, and
+    the all-reduce inside such a computation is not counted again."""
+    if ins.opcode == "fusion" and dict(_callees(ins)).get("calls") in rs_comps:
+        return "reduce-scatter"
+    return None if comp in rs_comps else _collective_kind(ins.opcode)
+
+
+def _matmul_flops(ins: Instruction, shapes: Mapping[str, str]) -> int:
+    """The FLOPs of a dot or convolution instruction (0 for anything else)."""
+    if ins.opcode == "dot":
+        return dot_flops(ins, shapes[ins.operands[0]])
+    if ins.opcode == "convolution":
+        return convolution_flops(ins, shapes[ins.operands[0]], shapes[ins.operands[1]])
+    return 0

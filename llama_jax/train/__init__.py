@@ -1,31 +1,32 @@
-"""Training: optimizer, the pure train step, the jitted program, hooks and the loop, metrics."""
+"""Training: optimizer, the pure train step, the jitted program, hooks and the loop, metrics.
 
-from llama_jax.train.hooks import CheckpointList, DivergenceGuard, Hook, Run
-from llama_jax.train.loop import LoopConfig, summarize, train
-from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics
-from llama_jax.train.optim import OptimizerConfig, decay_mask_fn, learning_rate, make_optimizer, make_schedule
-from llama_jax.train.program import TrainProgram
-from llama_jax.train.step import TrainState, make_train_step, restore_state, save_state
+The names below are imported on first use (llama_jax/_lazy.py), so importing one submodule (train.optim,
+train.config: what experiment.py needs) does not load the loop and everything it runs.
+"""
 
-__all__ = [
-    "CheckpointList",
-    "DivergenceGuard",
-    "Hook",
-    "LoopConfig",
-    "MetricWriter",
-    "OptimizerConfig",
-    "Run",
-    "TrainProgram",
-    "TrainState",
-    "decay_mask_fn",
-    "learning_rate",
-    "make_optimizer",
-    "make_schedule",
-    "make_train_step",
-    "peak_flops",
-    "read_metrics",
-    "restore_state",
-    "save_state",
-    "summarize",
-    "train",
-]
+from llama_jax import _lazy
+
+_EXPORTS = {
+    "CheckpointList": "hooks",
+    "DivergenceGuard": "hooks",
+    "Hook": "hooks",
+    "Run": "hooks",
+    "LoopConfig": "config",
+    "summarize": "loop",
+    "train": "loop",
+    "MetricWriter": "metrics",
+    "peak_flops": "metrics",
+    "read_metrics": "metrics",
+    "OptimizerConfig": "optim",
+    "decay_mask_fn": "optim",
+    "learning_rate": "optim",
+    "make_optimizer": "optim",
+    "make_schedule": "optim",
+    "TrainProgram": "program",
+    "TrainState": "step",
+    "make_train_step": "step",
+    "restore_state": "step",
+    "save_state": "step",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

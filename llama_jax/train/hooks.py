@@ -88,15 +88,18 @@ class DivergenceGuard(Hook):
 
     Two rules: `max_consecutive_skips` non-finite steps in a row (their updates were already dropped by the
     step), or a finite blow-up: a loss or an update norm above `spike_factor` times its median over the
-    last SPIKE_WINDOW healthy steps (0 disables). Every step it checks the *previous* step's metrics, so
+    last SPIKE_WINDOW healthy steps (0 disables). The first steps have no such history: until SPIKE_MIN_HISTORY
+    of them, a loss above `spike_factor` times `uniform_loss` (ln vocab_size, what a model that knows nothing
+    scores) halts. Every step it checks the *previous* step's metrics, so
     the host never waits for the device; the Checkpoint hook calls `check` on the current step first, so
     every saved checkpoint passed the rules. The halt message names the newest checkpoint, which is
     therefore healthy, and the command that resumes from it.
     """
 
     def __init__(self, max_consecutive_skips: int, spike_factor: float, checkpoints: CheckpointList,
-                 history: list[dict[str, float]] = ()):
+                 history: list[dict[str, float]] = (), uniform_loss: float = 0.0):
         self.max_consecutive_skips, self.spike_factor, self.checkpoints = max_consecutive_skips, spike_factor, checkpoints
+        self.uniform_loss = uniform_loss
         self._history = {k: collections.deque((h[k] for h in history if k in h), maxlen=SPIKE_WINDOW)
                          for k in ("loss", "update_norm")}
         self._pending: tuple[int, Mapping[str, Any]] | None = None
@@ -133,7 +136,16 @@ class DivergenceGuard(Hook):
 
     def _check_spike(self, step: int, key: str, value: float) -> None:
         history = self._history[key]
-        if self.spike_factor <= 0 or len(history) < SPIKE_MIN_HISTORY:
+        if self.spike_factor <= 0:
+            return
+        if len(history) < SPIKE_MIN_HISTORY:
+            if key == "loss" and self.uniform_loss > 0 and value > self.spike_factor * self.uniform_loss:
+                raise TrainingHalted(
+                    f"training diverged at step {step}: loss {value:.4g} is {value / self.uniform_loss:.1f}x the "
+                    f"loss of a uniform guess over the vocabulary ({self.uniform_loss:.4g} nats; limit "
+                    f"spike_factor={self.spike_factor} while the run has under {SPIKE_MIN_HISTORY} steps of "
+                    "history). " + self.checkpoints.resume_hint()
+                )
             return
         median = statistics.median(history)
         if value > self.spike_factor * median:

@@ -12,7 +12,6 @@ the loop finishes its step, saves, waits for the save, and returns normally. Eve
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -27,11 +26,10 @@ from jax.experimental import multihost_utils
 from llama_jax import checkpoint, distributed
 from llama_jax.data import TrainData, chat, check_vocab, eval_sets
 from llama_jax.data.tokenizer import training_tokenizer
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, DataError
 from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.lock import WorkdirLock
 from llama_jax.lora.workdir import read_base_ref, restore_base, write_base_ref
-from llama_jax.sections import Section
 from llama_jax.train import hooks, init_from
 from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics, truncate_metrics
 from llama_jax.train.optim import make_schedule
@@ -42,46 +40,6 @@ if TYPE_CHECKING:  # experiment.py builds on train/, so train/ never imports it 
     from llama_jax.experiment import Experiment
 
 log = logging.getLogger("llama_jax.train")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig(Section):
-    """The experiment's top-level fields: the run's length, batch, loss options and hook cadences."""
-
-    seed: int = 0
-    num_steps: int = 1000
-    batch_size: int = 16  # global, across all hosts
-    seq_len: int = 128
-    grad_accum_steps: int = 1  # microbatches per step (lax.scan); batch_size is the global batch per update
-    z_loss: float = 0.0  # coefficient of PaLM's z-loss, mean over targets of logsumexp(logits)^2; 1e-4 is typical
-    max_consecutive_skips: int = 5  # halt after this many non-finite (skipped) steps in a row; 0 never halts
-    # Halt when the loss or the update norm exceeds this multiple of its median over the last 100 steps
-    # (a finite blow-up); 0 disables. Checkpoints are saved only from states that pass.
-    spike_factor: float = 3.0
-    log_every: int = 10
-    eval_every: int = 200  # 0: no evaluation during training
-    checkpoint_every: int = 200  # 0: save only at the end
-    keep_checkpoints: int = 3  # 0: keep all
-    keep_period: int = 0  # also keep every N-th step permanently; 0 disables
-    init_from: str = ""  # workdir whose params start a fine-tune (fresh optimizer)
-    allow_config_change: bool = False  # resume a workdir even though its config.json differs (diff is shown)
-    # Resume from this checkpoint step instead of the newest; newer ones move to WORKDIR/discarded/. -1: newest.
-    resume_step: int = -1
-    profile_start: int = 10  # first step of a jax.profiler trace (written to WORKDIR/profile)
-    profile_steps: int = 0  # number of steps to trace; 0 = no trace
-
-    def __post_init__(self):
-        for name in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
-            v = getattr(self, name)
-            self._check(v > 0, f"{name}={v} must be a positive integer.")
-        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "keep_period", "max_consecutive_skips",
-                     "profile_start", "profile_steps"):
-            v = getattr(self, name)
-            self._check(v >= 0, f"{name}={v} must be >= 0.")
-        self._check(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0.")
-        self._check(self.spike_factor == 0 or self.spike_factor > 1,
-                    f"spike_factor={self.spike_factor} must be 0 (off) or > 1.")
-        self._check(self.resume_step >= -1, f"resume_step={self.resume_step} must be a step, or -1 for the newest.")
 
 
 def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = (), *,
@@ -137,11 +95,7 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     run = hooks.Run(program=program, state=state, num_steps=loop.num_steps, start=int(state.step))
     run.done = run.start
     if distributed.is_main_process():
-        checkpoint.write_config(workdir, exp.to_dict())
-        if base_ref is not None:
-            write_base_ref(workdir, base_ref)
-        chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
-        truncate_metrics(workdir, run.start)  # rows past the start are recomputed (each step logged once)
+        _write_workdir(exp, workdir, tokenizer, base_ref, run.start)
     writer = MetricWriter(workdir, enabled=distributed.is_main_process())
     with contextlib.closing(writer):
         all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match), *extra_hooks]
@@ -149,6 +103,18 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
             all_hooks.append(hooks.Heartbeat(lock))
         _loop(run, all_hooks, train_data)
     return {**run.last, "step": run.done}
+
+
+def _write_workdir(exp: Experiment, workdir: str, tokenizer, base_ref, start: int) -> None:
+    """What the run writes before its first step: config.json, a LoRA run's base reference, the tokenizer
+    with its chat template, and metrics.jsonl cut back to `start`."""
+    checkpoint.write_config(workdir, exp.to_dict())
+    if base_ref is not None:
+        write_base_ref(workdir, base_ref)
+    template = chat.save_tokenizer(tokenizer, exp.data, checkpoint.tokenizer_dir(workdir))  # with its chat template
+    if template is not None and exp.data.format == "sft":  # the template writes the training text
+        chat.warn_missing_control_tokens(template, tokenizer)
+    truncate_metrics(workdir, start)  # rows past the start are recomputed (each step logged once)
 
 
 @contextlib.contextmanager
@@ -184,19 +150,35 @@ def _check_workdir(exp: Experiment, workdir: str) -> int | None:
     partial = checkpoint.incomplete_checkpoints(workdir)
     if partial:
         log.warning("ignoring incomplete checkpoint(s) %s in %s (a save was interrupted)", partial, workdir)
-    steps = checkpoint.all_steps(workdir)
-    resume_step = steps[-1] if steps else None
-    if exp.loop.resume_step >= 0:
-        if exp.loop.resume_step not in steps:
-            raise CheckpointError(
-                f"--config.resume_step={exp.loop.resume_step}: {workdir} has no checkpoint at that step; "
-                f"its checkpoints are at steps {steps}."
-            )
-        resume_step = exp.loop.resume_step
+    resume_step = _resume_step(exp.loop.resume_step, workdir, checkpoint.all_steps(workdir))
     if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)) and resume_step is not None:
         checkpoint.check_resume_config(workdir, exp.to_dict())
         _warn_if_the_schedule_moves(exp, checkpoint.read_config(workdir)["num_steps"], resume_step)
     return resume_step
+
+
+def _resume_step(asked: int, workdir: str, steps: list[int]) -> int | None:
+    """The checkpoint to resume from: the newest, or `asked` (resume_step) the first time it is asked for.
+
+    resume_step is a one-time action: the run that applies it records it in config.json, and re-running the
+    same command (after it finished, or after a Ctrl-C or preemption) resumes from the newest checkpoint,
+    never moving the checkpoints trained since then aside again, even once step `asked` has rotated out.
+    """
+    newest = steps[-1] if steps else None
+    if asked < 0:
+        return newest
+    config = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    if os.path.exists(config) and checkpoint.read_config(workdir).get("resume_step") == asked and newest is not None:
+        log.warning("--config.resume_step=%d was applied by an earlier run of this command; resuming from the "
+                    "newest checkpoint, step %d. To go back to step %d again, move the newer checkpoints out of "
+                    "%s by hand.", asked, newest, asked, os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
+        return newest
+    if asked not in steps:
+        raise CheckpointError(
+            f"--config.resume_step={asked}: {workdir} has no checkpoint at that step; its checkpoints are at "
+            f"steps {steps}."
+        )
+    return asked
 
 
 def _warn_if_the_schedule_moves(exp: Experiment, old_num_steps: int, step: int) -> None:
@@ -218,13 +200,30 @@ def _initial_state(exp, program: TrainProgram, mngr, train_data: TrainData, resu
     if resume_step is not None:
         log.info("resuming from the checkpoint at step %d in %s", resume_step, mngr.directory)
         state, data_state = restore_state(mngr, program.abstract_state, resume_step)
-        train_data.restore(data_state)  # checks the data config is the one the run was started with
+        _restore_data_position(exp, train_data, data_state, resume_step)
         return state
     state = program.init_state(exp.loop.seed)
     if exp.loop.init_from and not exp.lora.enabled:  # with LoRA init_from is the frozen base (_train)
         log.info("initialising params from %s (fresh optimizer state)", exp.loop.init_from)
         state = state.replace(params=checkpoint.restore_params(exp.loop.init_from, program.abstract_state.params))
     return state
+
+
+def _restore_data_position(exp, train_data: TrainData, data_state: dict, step: int) -> None:
+    """Check the checkpoint's data state against this data (so a resumed run replays the same batches);
+    with allow_config_change a different data config resumes at the step on the new data, saying so."""
+    try:
+        train_data.restore(data_state)
+    except DataError:
+        if not exp.loop.allow_config_change:
+            raise DataError(
+                f"the checkpoint at step {step} was trained on other data (its data state does not match this "
+                "data config: dataset, split, tokenizer, seq_len, batch_size, seed or packing), so resuming would "
+                "not replay the same batches. Restore that data, or pass --config.allow_config_change=True to "
+                f"resume at step {step} on the new data."
+            ) from None
+        log.warning("allow_config_change: the data differs from what the checkpoint was trained on; resuming at "
+                    "step %d on the new data (the batches from here on are not the original run's).", step)
 
 
 def _exact_match(exp, tokenizer) -> ExactMatch | None:
@@ -248,7 +247,8 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None) 
     # A resumed run measures spikes against the losses its predecessor logged (rows up to the resume step).
     history = [{k.removeprefix("train/"): v for k, v in r.items()} for r in read_metrics(workdir) if "train/loss" in r]
     guard = hooks.DivergenceGuard(loop.max_consecutive_skips, loop.spike_factor,
-                                  hooks.CheckpointList(mngr, workdir), history[-hooks.SPIKE_WINDOW:])
+                                  hooks.CheckpointList(mngr, workdir), history[-hooks.SPIKE_WINDOW:],
+                                  uniform_loss=math.log(exp.model.vocab_size))
     out: list[hooks.Hook] = [guard]
     if loop.profile_steps and main:
         out.append(hooks.Profile(hooks.profile_dir(workdir), loop.profile_start, loop.profile_steps))

@@ -102,6 +102,19 @@ def test_convert_hf_keeps_the_chat_template(chat_workdirs):
     assert load_chat_template(chat_workdirs["config"].parent / "none", data.ByteTokenizer(), "llama3").source == chat.LLAMA3
 
 
+def test_a_template_whose_control_tokens_the_tokenizer_lacks_is_warned_about_by_name(chat_workdirs, caplog):
+    tokenizer = data.load_tokenizer(str(chat_workdirs["jinja"] / "tokenizer"))  # has ChatML's tokens
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        load_chat_template(chat_workdirs["jinja"], tokenizer, "chatml")
+    assert "control tokens" not in caplog.text
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        load_chat_template(chat_workdirs["jinja"], data.ByteTokenizer(), "chatml")
+        load_chat_template(chat_workdirs["jinja"], data.ByteTokenizer(), "llama3")  # no bos_token: renders later
+    assert ("chat template 'chatml' (llama_jax.data.chat.TEMPLATES) writes control tokens that the tokenizer does not "
+            "have as special tokens: ['<|im_end|>', '<|im_start|>']. Each is encoded as 10 ordinary tokens") in caplog.text
+    assert caplog.text.count("control tokens") == 1
+
+
 @pytest.mark.parametrize("messages", [USER, [{"role": "system", "content": "Be brief."}, *USER,
                                               {"role": "assistant", "content": "A king."},
                                               {"role": "user", "content": "Truly?"}]])

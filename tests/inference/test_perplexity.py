@@ -183,6 +183,21 @@ def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
     assert got["bits_per_byte"] == pytest.approx(nll.sum() / (len(TEXT.encode()) * math.log(2)), rel=1e-5)
 
 
+def test_an_imported_workdir_says_which_seq_len_and_batch_it_scored(hf_tiny_workdir, trained_tiny_workdir, tmp_path,
+                                                                    caplog):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        got = inference.evaluate_workdir(hf_tiny_workdir, text_file=str(f))
+    assert (f"{hf_tiny_workdir} records no training seq_len (an imported checkpoint): scoring windows of "
+            f"seq_len={got['seq_len']} (min(max_seq_len, 2048)) in batches of {got['batch_size']}; pass --seq_len=N") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        inference.evaluate_workdir(hf_tiny_workdir, text_file=str(f), seq_len=32)  # asked for: nothing to say
+        inference.evaluate_workdir(trained_tiny_workdir, text_file=str(f))  # its training seq_len
+    assert "records no training seq_len" not in caplog.text
+
+
 def test_trained_workdir_held_out_split_and_stride(trained_tiny_workdir):
     eval_text = (trained_tiny_workdir.parent / "data" / "eval.txt").read_text(encoding="utf-8")
     plain = inference.evaluate_workdir(trained_tiny_workdir)  # the workdir's own data.eval_files
@@ -220,6 +235,14 @@ def test_missing_workdir_checkpoint_and_text_file_are_clear_errors(trained_tiny_
         inference.evaluate_workdir(empty)
     with pytest.raises(DataError, match="missing.txt does not exist"):
         inference.evaluate_workdir(trained_tiny_workdir, text_file=str(tmp_path / "missing.txt"))
+
+
+def test_a_text_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path):
+    """The same one-line DataError training gives; raised before the workdir is read."""
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("ROMEO:\nCaf\u00e9 ou th\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt is not valid UTF-8: byte 0xe9 at byte offset 10 .*Re-encode"):
+        inference.evaluate_workdir(tmp_path / "never_read", text_file=str(f))
 
 
 def test_tokenizer_larger_than_model_vocab_is_a_clear_error(trained_tiny_workdir, tmp_path):

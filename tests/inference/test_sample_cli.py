@@ -3,9 +3,14 @@ on a trained workdir and an HF-imported one (params sharded over a tensor-parall
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
-from llama_jax import inference
+import jax
+import numpy as np
+
+from llama_jax import checkpoint, inference
+from llama_jax.model import param_shapes
 from tests.helpers import run_module
 
 
@@ -55,3 +60,29 @@ def test_missing_workdir_is_a_clear_error(tmp_path):
     assert "does not exist" in r.stderr and "experiments.train" in r.stderr
     assert "Traceback" not in r.stderr
 
+
+
+def test_a_damaged_checkpoint_is_one_line_without_event_loop_noise(trained_tiny_workdir, tmp_path):
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained_tiny_workdir, workdir)
+    node = next((workdir / "checkpoints" / "20" / "params" / "d").iterdir())  # an OCDBT b-tree node
+    node.write_bytes(b"garbage")
+    r = run_sample(f"--workdir={workdir}", "--prompt=hi", "--max_new_tokens=4")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[1] == "(--traceback shows where it was raised)", r.stderr
+    assert lines[0].startswith(f"sample: {workdir}/checkpoints/20 cannot be read, its files are damaged (")
+    assert lines[0].endswith("It is the only checkpoint.")
+
+
+def test_non_finite_params_are_refused_in_one_line(trained_tiny_workdir, tmp_path):
+    """Before, the sampler decoded NaN logits to NUL bytes and exited 0."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained_tiny_workdir, workdir)
+    params = checkpoint.restore_params(workdir, param_shapes(checkpoint.read_model_config(workdir)))
+    checkpoint.save_params(workdir, jax.tree.map(lambda p: p * np.nan, params), step=21)
+    r = run_sample(f"--workdir={workdir}", "--prompt=hi", "--max_new_tokens=4")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"sample: {workdir} step 21 holds non-finite params: ")
+    assert "Sample an earlier checkpoint with --step=N (the steps are [20, 21])." in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2, r.stderr

@@ -17,14 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_jax import checkpoint, errors
 from llama_jax.model import KVCache, Llama, param_shapes
 from llama_jax.tools import hf
 from tests.helpers import run_module
+
+torch = pytest.importorskip("torch", reason="the HF tests build their checkpoints with PyTorch transformers: "
+                            "pip install -e '.[torch]' (pyproject.toml says how to get the CPU build)")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402  (after the skip: its models need torch)
 
 PARITY_TOL = 1e-4
 BATCH, SEQ = 2, 256  # positions up to 255: 4x the llama3 config's original_max_position_embeddings
@@ -341,6 +343,26 @@ def rewrite_weights(d: pathlib.Path, fn) -> None:
     tensors = load_file(path)
     fn(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_import_and_export_refuse_non_finite_params_naming_the_array(small_hf_dir, tmp_path):
+    d = copy_dir(small_hf_dir, tmp_path / "nan")
+
+    def poison(t):
+        t["model.layers.1.mlp.down_proj.weight"][0, 0] = np.nan
+
+    rewrite_weights(d, poison)
+    with pytest.raises(errors.HFImportError, match=r"holds non-finite params: 1 array\(s\) with NaN or inf "
+                       r"\(\['layers_1'\]\['mlp'\]\['down_proj'\]\['kernel'\]\)\. Import an intact"):
+        hf.import_to_workdir(d, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    workdir = tmp_path / "workdir"
+    cfg = hf.import_to_workdir(small_hf_dir, workdir)
+    params = checkpoint.restore_params(workdir, param_shapes(cfg))
+    checkpoint.save_params(workdir, jax.tree.map(lambda p: p.at[0].set(jnp.inf), params), step=5)  # diverged
+    with pytest.raises(errors.HFExportError, match=r"step 5 holds non-finite params: .* --step=N \(the steps are \[0, 5\]\)"):
+        hf.export_from_workdir(workdir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_rejects_missing_weight(small_hf_dir, tmp_path):

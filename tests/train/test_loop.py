@@ -3,6 +3,7 @@ a bad config, a workdir in use and a failed resume change nothing in the workdir
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -112,10 +113,33 @@ def test_a_failed_resume_leaves_the_workdir_as_it_was(local_data, tmp_path):
     train(Experiment.from_config(c), tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     c.model.num_layers, c.allow_config_change, c.num_steps = 3, True, 6
-    with pytest.raises(errors.CheckpointError, match="could not restore the training state of step 3"):
+    with pytest.raises(errors.CheckpointError, match="checkpoints/3 cannot be resumed with this config"):
         train(Experiment.from_config(c), tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_allow_config_change_advice_can_be_acted_on_from_the_command_line(local_data, tmp_path, caplog):
+    """A change allow_config_change cannot carry over is named as such, with the flags that fix it: never
+    Orbax's partial_restore, never moving a healthy checkpoint aside. A data change resumes on the new data."""
+    c = tiny(local_data, num_steps=3, eval_every=0, log_every=1)
+    train(Experiment.from_config(c), tmp_path)
+    c.allow_config_change, c.num_steps = True, 6
+    c.model.num_layers = 3
+    with pytest.raises(errors.ConfigMismatchError) as e:
+        train(Experiment.from_config(c), tmp_path)
+    assert re.search(r"\(\d+ arrays differ: params/layers_2/.*: checkpoint absent, config \(.*Undo that change \(the "
+                     r"run's config is .*config.json\), or train the new model in a new --workdir\.$", str(e.value))
+    c.model.num_layers, c.optimizer.name = 2, "lion"
+    with pytest.raises(errors.ConfigMismatchError, match=rf"train_state/opt_state/.*--config.init_from={tmp_path} "
+                       r"\(fresh optimizer state\)\.$") as e:
+        train(Experiment.from_config(c), tmp_path)
+    for message in (str(e.value),):
+        assert "partial_restore" not in message and "aside" not in message and "\n" not in message
+    c.optimizer.name, c.seq_len = "adamw", 16  # other batches: resumed at the step, on the new data
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        assert train(Experiment.from_config(c), tmp_path)["step"] == 6
+    assert "resuming at step 3 on the new data" in caplog.text
 
 
 def test_a_fresh_start_logs_each_step_once(local_data, tmp_path):
@@ -160,6 +184,23 @@ def test_resume_step_picks_an_older_checkpoint_and_keeps_the_newer_ones_aside(lo
     assert checkpoint.all_steps(tmp_path) == [4, 8, 10]
     assert sorted(p.split("-")[0] for p in os.listdir(tmp_path / "discarded")) == ["12", "8"]
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
+
+
+def test_resume_step_is_applied_once_and_a_rerun_resumes_from_the_newest(local_data, tmp_path, caplog):
+    """The same command again (after it finished, or after a Ctrl-C) must not move the checkpoints it trained
+    aside a second time, nor fail once step N has rotated out (keep_checkpoints=3)."""
+    c = tiny(local_data, num_steps=12, eval_every=0, checkpoint_every=4, log_every=1, keep_checkpoints=3)
+    train(Experiment.from_config(c), tmp_path)
+    c.resume_step, c.num_steps = 4, 16
+    assert train(Experiment.from_config(c), tmp_path)["step"] == 16
+    assert checkpoint.all_steps(tmp_path) == [8, 12, 16]  # 4 rotated out
+    c.num_steps = 20  # the same command, with more steps
+    with caplog.at_level("WARNING", logger="llama_jax"):
+        assert train(Experiment.from_config(c), tmp_path)["step"] == 20
+    assert "resume_step=4 was applied by an earlier run" in caplog.text
+    assert checkpoint.all_steps(tmp_path) == [12, 16, 20]
+    assert sorted(p.split("-")[0] for p in os.listdir(tmp_path / "discarded")) == ["12", "8"]  # moved once
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 21))
 
 
 def test_rerunning_a_finished_run_reports_it_and_changes_nothing(local_data, tmp_path, caplog):

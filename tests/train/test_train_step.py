@@ -255,6 +255,18 @@ def test_nan_batch_is_skipped_and_streak_halts(reference):
     assert_trees_close(state.params, reference["params"], rtol=1e-6, leaf_rtol=1e-6)
 
 
+def test_a_huge_loss_in_the_first_steps_halts_before_there_is_a_median():
+    """Step 2 of a probe's run logged loss 742,501: no history yet, so only the uniform-guess bound can see it."""
+    healthy = {"consecutive_skips": 0, "loss": 5.9, "update_norm": 0.3}
+    guard = DivergenceGuard(5, 3.0, NoCheckpoints(), uniform_loss=math.log(384))
+    guard.check(1, healthy)
+    with pytest.raises(TrainingHalted, match=r"diverged at step 2: loss 7.425e\+05 is \d+\.\dx the loss of a "
+                       r"uniform guess over the vocabulary \(5.951 nats; .*No checkpoint was saved"):
+        guard.check(2, {**healthy, "loss": 742501.0})
+    DivergenceGuard(5, 0.0, NoCheckpoints(), uniform_loss=math.log(384)).check(2, {**healthy, "loss": 742501.0})  # off
+    DivergenceGuard(5, 3.0, NoCheckpoints(), uniform_loss=math.log(384)).check(1, {**healthy, "loss": 12.0})  # 2x: ok
+
+
 # ---------------------------------------------------------------------- optimizer
 def test_weight_decay_mask_touches_exactly_kernels():
     c = base_config("tiny", use_bias=True, qk_norm=True, norm="layernorm")
