@@ -1,7 +1,7 @@
 """Command start-up: how long a command takes before it does anything, in a fresh interpreter each time.
 
     python -m benchmarks.startup                         # this checkout, 3 runs of each command
-    python -m benchmarks.startup --repo=/tmp/before      # another checkout (e.g. `git archive` of an older commit)
+    python -m benchmarks.startup --repo=/tmp/before      # another checkout (`git archive` of an older commit)
     python -m benchmarks.startup --quick                 # one run of each
 
 Commands, each run from --repo's root with this interpreter: `import llama_jax.model`, `import llama_jax`,
@@ -85,11 +85,12 @@ def main(argv=None):
             "sample --help": [py, "-m", "experiments.sample", "--help"],
             "sample (8 tokens)": [py, "-m", "experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
                                   "--max_new_tokens=8", "--temperature=0"],
-            "eval_ppl (text file)": [py, "-m", "experiments.eval_ppl", f"--workdir={workdir}", f"--text_file={text}",
-                                     "--seq_len=64"],
+            "eval_ppl (text file)": [py, "-m", "experiments.eval_ppl", f"--workdir={workdir}",
+                                     f"--text_file={text}", "--seq_len=64"],
         }
         results = {}
-        print(f"{'command':<24} {'first output (s)':>17} {'exit (s)':>9}   ({runs} run(s), median; repo {a.repo})")
+        print(f"{'command':<24} {'first output (s)':>17} {'exit (s)':>9}   ({runs} run(s), median; "
+              f"repo {a.repo})")
         for name, cmd in commands.items():
             times = [timed(cmd, a.repo) for _ in range(runs)]
             first, end = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)

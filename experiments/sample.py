@@ -83,8 +83,9 @@ def main(argv):
     mesh = cli.mesh(default_data=1)  # one device unless asked: decoding one prompt gains nothing from more
     model_config, params, tokenizer, experiment = load_workdir(_WORKDIR.value, mesh, step=_STEP.value)
     step = checkpoint.latest_step(_WORKDIR.value) if _STEP.value is None else _STEP.value
-    checkpoint.check_finite(params, where=f"{_WORKDIR.value} step {step}", advice="Sample an earlier checkpoint "
-                            f"with --step=N (the steps are {checkpoint.all_steps(_WORKDIR.value)}).")
+    steps = checkpoint.all_steps(_WORKDIR.value)
+    checkpoint.check_finite(params, where=f"{_WORKDIR.value} step {step}",
+                            advice=f"Sample an earlier checkpoint with --step=N (the steps are {steps}).")
     options = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                    top_p=_TOP_P.value, seed=_SEED.value)
     if messages is not None:

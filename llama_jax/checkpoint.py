@@ -252,7 +252,8 @@ def _quiet_orbax_leftovers() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
         abandoned_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
         if not (closed_loop or abandoned_read):
@@ -385,7 +386,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
             f"--config.init_from={epath.Path(mngr.directory).parent} (fresh optimizer state)."
         )
     if stored is not None:
-        _check_resumable(where, epath.Path(mngr.directory).parent, {"params": abstract_params, "train_state": abstract_train_state},
+        _check_resumable(where, epath.Path(mngr.directory).parent,
+                         {"params": abstract_params, "train_state": abstract_train_state},
                          {"params": stored.get("params"), "train_state": stored.get("train_state")})
     with _read_or_refuse(where, advice):
         out = mngr.restore(step, args=ocp.args.Composite(

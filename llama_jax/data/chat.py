@@ -287,7 +287,7 @@ def missing_control_tokens(template: ChatTemplate, tokenizer) -> list[str]:
     """The control tokens ("<|im_start|>", "<|eot_id|>", ...) `template` writes that are no special token of
     `tokenizer`, sorted. Each is then several ordinary tokens: the model must learn it as text, and sampling
     cannot stop at an end-of-turn id."""
-    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    messages = [{"role": role, "content": role[0]} for role in ("user", "assistant", "user")]
     try:
         text = template.render(messages, add_generation_prompt=True, where="the control-token probe")
     except DataError:  # a template that cannot render for this tokenizer says so, naming the record, when used

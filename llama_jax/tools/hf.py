@@ -474,8 +474,9 @@ def export_from_workdir(workdir, hf_dir, *, dtype: str | None = None, step: int 
     # A LoRA run's adapters are merged into its base: the export is an ordinary checkpoint.
     params = restore_model_params(workdir, checkpoint.read_config(workdir), model.param_shapes(cfg), step=step)
     step = checkpoint.latest_step(workdir) if step is None else step
+    steps = checkpoint.all_steps(workdir)
     checkpoint.check_finite(params, where=f"{workdir} step {step}", error=HFExportError,
-                            advice=f"Export an earlier checkpoint with --step=N (the steps are {checkpoint.all_steps(workdir)}).")
+                            advice=f"Export an earlier checkpoint with --step=N (the steps are {steps}).")
     with _atomic_dir(hf_dir) as tmp:
         _write_hf_files(tmp, cfg, params, dtype or cfg.param_dtype, DEFAULT_MAX_SHARD_BYTES, extra)
         _copy_tokenizer_files(pathlib.Path(checkpoint.tokenizer_dir(workdir)), tmp)
