@@ -22,6 +22,7 @@ def _sharded_abstract(cfg, mesh):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_scanned", [False, True])
 def test_restore_into_the_other_layer_layout_sharded(tmp_path, saved_scanned):
     params = init_params(CFG, jax.random.key(0))

@@ -279,6 +279,7 @@ def test_non_jsonl_file_is_refused(tmp_path):
         data.record_documents(str(tmp_path / "a.txt"))
 
 
+@pytest.mark.slow
 def test_training_on_sft_data_counts_trained_tokens(tmp_path, chat_tokenizer_dir):
     """experiments.train's path: 4 steps on chat + prompt/completion records with an HF tokenizer and its own
     ChatML template; the logged train/tokens of each step is the loss_mask sum of that step's batch (the

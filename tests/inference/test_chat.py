@@ -151,6 +151,7 @@ def test_chat_reply_stops_at_end_of_turn(chat_workdirs):
     assert chat_stops(byte, byte_template, {}) == ([byte.eos_id], ["<|im_end|>"])
 
 
+@pytest.mark.slow
 def test_sample_cli_chat(chat_workdirs, tmp_path):
     workdir = chat_workdirs["jinja"]
     r = run_module("experiments.sample", f"--workdir={workdir}", "--chat", "--prompt=Who art thou?",
@@ -206,6 +207,7 @@ def test_exact_match(chat_workdirs, tmp_path):
         data.DataConfig(exact_match_records=3)
 
 
+@pytest.mark.slow
 def test_fine_tune_keeps_template_and_evaluates_responses_and_exact_match(chat_workdirs, tmp_path):
     """init_from the imported chat workdir with the stock tiny config (model and tokenizer from the source),
     lr 0 so the rigged params stay: the eval hook logs eval/response_* and eval/exact_match 1.0 on RIGHT;

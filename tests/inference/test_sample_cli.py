@@ -8,6 +8,7 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 from llama_jax import checkpoint, inference
 from llama_jax.model import param_shapes
@@ -31,6 +32,7 @@ def expected_text(path, prompt: str, max_new_tokens: int, **sampling_args) -> tu
     return prompt + tok.decode(prompt_ids + new)[len(before) :] + "\n", new
 
 
+@pytest.mark.slow
 def test_greedy_on_trained_workdir_matches_generate(trained_tiny_workdir):
     prompt = "ROMEO:\nWhat say"
     r = run_sample(f"--workdir={trained_tiny_workdir}", f"--prompt={prompt}", "--max_new_tokens=24", "--temperature=0")
@@ -41,6 +43,7 @@ def test_greedy_on_trained_workdir_matches_generate(trained_tiny_workdir):
     assert r.stdout == want
 
 
+@pytest.mark.slow
 def test_sampling_on_hf_workdir_with_tensor_parallel_params(hf_tiny_workdir):
     prompt = "SPEAKER ONE: a prompt of words"
     args = dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)

@@ -56,6 +56,7 @@ def test_targets_that_match_nothing_or_no_matrix_are_errors():
 
 
 # ---------------------------------------------------------------------- the math
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True], ids=["layers_i", "scanned"])
 def test_rank_r_adapters_give_exactly_the_base_logits_at_init(scan):
     cfg = preset("tiny", scan_layers=scan)
@@ -96,6 +97,7 @@ def program(scan=False, mesh=(2, 2, 2), **lora_fields):
                               make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10), lora=lora.LoraConfig(rank=4, **lora_fields))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True], ids=["layers_i", "scanned"])
 def test_adapters_and_their_optimizer_state_are_sharded_like_their_kernels(scan):
     prog = program(scan, targets=(r"attn/(q|k|v|o)_proj/kernel$", r"mlp/down_proj/kernel$"))
@@ -120,6 +122,7 @@ def test_adapters_and_their_optimizer_state_are_sharded_like_their_kernels(scan)
         assert x.sharding.spec == specs[k]
 
 
+@pytest.mark.slow
 def test_a_train_step_moves_only_the_adapters_also_from_a_bf16_base():
     prog = program(base_dtype="bfloat16")
     state = prog.init_state(0)

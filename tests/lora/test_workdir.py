@@ -68,6 +68,7 @@ def config_of(workdir):
     return checkpoint.read_config(workdir)
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_the_loss_falls(straight, trained_tiny_workdir):
     config = config_of(straight)
     assert config["lora"]["rank"] == 4 and config["init_from"] == str(trained_tiny_workdir)
@@ -96,6 +97,7 @@ def test_only_adapters_train_and_the_loss_falls(straight, trained_tiny_workdir):
     assert checkpoint.all_steps(trained_tiny_workdir) == [20]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(straight, trained_tiny_workdir, tmp_path):
     config = lora_config(trained_tiny_workdir)
     train(Experiment.from_config(config), tmp_path, extra_hooks=[StopAt(4)])
@@ -108,6 +110,7 @@ def test_resume_is_bit_exact(straight, trained_tiny_workdir, tmp_path):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_resuming_on_a_different_base_is_refused(trained_tiny_workdir, tmp_path):
     config = lora_config(trained_tiny_workdir)
     train(Experiment.from_config(config), tmp_path / "run", extra_hooks=[StopAt(4)])
@@ -148,6 +151,7 @@ def test_eval_ppl_scores_the_adapted_model(straight, trained_tiny_workdir):
     assert adapted["tokens"] == base["tokens"] and adapted["loss"] < base["loss"] - 0.02
 
 
+@pytest.mark.slow
 def test_load_workdir_and_hf_export_give_the_merged_model(straight, trained_tiny_workdir, tmp_path):
     model_config, params, _, config = load_workdir(straight)
     base = checkpoint.restore_params(trained_tiny_workdir, param_shapes(model_config))
@@ -181,6 +185,7 @@ def test_load_workdir_and_hf_export_give_the_merged_model(straight, trained_tiny
     np.testing.assert_array_equal(run(params), run(jax.tree.map(jax.numpy.asarray, hf_params)))
 
 
+@pytest.mark.slow
 def test_a_bf16_base_from_an_f32_workdir(trained_tiny_workdir, tmp_path):
     """lora.base_dtype=bfloat16 on an f32 base: restored in the saved dtype, checksums verified, then cast."""
     config = lora_config(trained_tiny_workdir, num_steps=2, checkpoint_every=0)

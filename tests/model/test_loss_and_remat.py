@@ -27,6 +27,7 @@ def _batch(batch, seq, vocab, seed=0):
             "segment_ids": jnp.asarray(seg)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("chunk", [16, 24])  # 24 does not divide 64: the last chunk is shorter
 def test_chunked_loss_equals_plain_values_and_grads(tie, chunk):
@@ -50,6 +51,7 @@ def test_chunked_loss_equals_plain_values_and_grads(tie, chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.slow
 def test_chunked_loss_with_the_vocab_sharded_over_tensor():
     """One train step on a data 2 x fsdp 2 x tensor 2 mesh (vocab-parallel head and embedding): the same
     loss, gradient norm and updated params with and without chunks."""

@@ -244,6 +244,7 @@ def test_xla_attention_matches_naive_numpy():
     ("t", "block", "kv"),
     [(256, 128, 2), pytest.param(200, 64, 4, marks=pytest.mark.slow), (64, 128, 1), (96, 32, 2)],
 )
+@pytest.mark.slow
 def test_causal_attention_equals_dense_masked_forward_and_backward(t, block, kv):
     """Block skipping is exact: packed segments, padding (segment 0), GQA/MQA, a ragged last block."""
     b, h, d = 2, 4, 16
@@ -341,6 +342,7 @@ def test_causal_prefix_invariance(tiny_params):
     assert np.abs(a[:, 20:] - b[:, 20:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_attend_to_each_other(tiny_params):
     p = _randomise(tiny_params)
     doc_a, doc_b = _tokens(1, 10, seed=4), _tokens(1, 14, seed=5)
@@ -369,6 +371,7 @@ def test_cached_decode_equals_full_forward(tiny_params, scan):
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_left_padded_prompt_in_cache_matches_unpadded(tiny_params):
     p = _randomise(tiny_params)
     model = Llama(TINY)
@@ -386,6 +389,7 @@ def test_left_padded_prompt_in_cache_matches_unpadded(tiny_params):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", REMAT_POLICIES)
 def test_scan_and_remat_give_same_outputs_and_grads(tiny_params, remat):
     p = _randomise(tiny_params)

@@ -461,6 +461,7 @@ def convert(*args) -> subprocess.CompletedProcess:
     return run_module("experiments.convert_hf", *args, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_hf_command_line_round_trip(small_hf_dir, tmp_path):
     src = copy_dir(small_hf_dir, tmp_path / "hf")
     write_tokenizer_files(src)
@@ -547,6 +548,7 @@ def test_converted_dirs_get_the_umask_permissions_not_the_temp_dirs(small_hf_dir
     assert modes(tmp_path / "out") == {("dir", 0o750), ("file", 0o640)}
 
 
+@pytest.mark.slow
 def test_convert_hf_prints_only_its_result_lines(small_hf_dir, tmp_path):
     """Orbax's ~60 INFO lines per save/restore are silenced; the imported/exported line stays."""
     work, out = tmp_path / "work", tmp_path / "out"

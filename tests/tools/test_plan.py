@@ -79,6 +79,7 @@ def _f32_logit_buffers(text: str, rows: int, seq: int, vocab: int) -> list[str]:
     return re.findall(pattern, text)
 
 
+@pytest.mark.slow
 def test_the_chunked_loss_has_no_f32_tokens_by_vocab_buffer():
     """Per chip: 2 rows x 512 tokens; the vocab (1024) split over tensor 2."""
     args = dict(batch=8, seq=512, mesh=(1, 4, 2), vocab_size=1024, dtype="bfloat16")
@@ -99,6 +100,7 @@ def test_the_saved_residual_stream_is_sharded_over_tensor():
     assert not re.search(r"bf16\[3,4,256,128\]", text)
 
 
+@pytest.mark.slow
 def test_multi_slice_mesh_puts_data_across_slices():
     devices = tpu.abstract_devices("v5p-16", num_slices=2)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=8, num_slices=2), devices)
@@ -128,6 +130,7 @@ def test_eval_and_decode_steps_compile():
         assert report.fits and report.step == step
 
 
+@pytest.mark.slow
 def test_the_time_estimate_extrapolates_unrolled_compiles():
     report = planner.plan(_exp(batch=8, seq=256, dtype="bfloat16"), "v5litepod-8")
     assert report.estimate_s and report.estimate_s > 0 and "per layer" in report.estimate_note

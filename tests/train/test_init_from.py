@@ -28,6 +28,7 @@ def _stock(source, shakespeare_path, tmp_path, **loop):
     return c
 
 
+@pytest.mark.slow
 def test_stock_config_fine_tunes_an_imported_model(hf_tiny_workdir, shakespeare_path, tmp_path, caplog):
     c = _stock(hf_tiny_workdir, shakespeare_path, tmp_path, num_steps=1, eval_every=1, checkpoint_every=0)
     c.optimizer.lr = 0.0  # the one update is zero: the saved params are the source's, bit for bit

@@ -52,6 +52,7 @@ class Count(Hook):
         self.closed = True
 
 
+@pytest.mark.slow
 def test_hooks_run_on_their_cadence_and_a_rerun_resumes(local_data, tmp_path):
     c = tiny(local_data, num_steps=6, log_every=2, eval_every=3, checkpoint_every=3, keep_checkpoints=0)
     count = Count(every=4)
@@ -91,6 +92,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(local_data, tmp_path):
     c = tiny(local_data, num_steps=2, eval_every=0)
     workdir = tmp_path / "run"
@@ -119,6 +121,7 @@ def test_a_failed_resume_leaves_the_workdir_as_it_was(local_data, tmp_path):
     assert not (tmp_path / lock.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_allow_config_change_advice_can_be_acted_on_from_the_command_line(local_data, tmp_path, caplog):
     """A change allow_config_change cannot carry over is named as such, with the flags that fix it: never
     Orbax's partial_restore, never moving a healthy checkpoint aside. A data change resumes on the new data."""
@@ -153,6 +156,7 @@ def test_a_fresh_start_logs_each_step_once(local_data, tmp_path):
 
 
 # ---------------------------------------------------------------------- divergence
+@pytest.mark.slow
 def test_divergence_halts_before_saving_and_a_fixed_lr_resumes(local_data, tmp_path):
     """lr=1e3 from step 20 blows the loss up while it stays finite; the guard halts before any diverged state
     is saved, names the newest (healthy) checkpoint, and the original lr resumes from it to the end."""
@@ -173,6 +177,7 @@ def test_divergence_halts_before_saving_and_a_fixed_lr_resumes(local_data, tmp_p
     assert all(rows[s] == healthy[s] for s in range(1, 21)) and max(rows.values()) < 2 * max(healthy.values())
 
 
+@pytest.mark.slow
 def test_resume_step_picks_an_older_checkpoint_and_keeps_the_newer_ones_aside(local_data, tmp_path):
     c = tiny(local_data, num_steps=12, eval_every=0, checkpoint_every=4, log_every=1, keep_checkpoints=0)
     train(Experiment.from_config(c), tmp_path)
@@ -186,6 +191,7 @@ def test_resume_step_picks_an_older_checkpoint_and_keeps_the_newer_ones_aside(lo
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
 
 
+@pytest.mark.slow
 def test_resume_step_is_applied_once_and_a_rerun_resumes_from_the_newest(local_data, tmp_path, caplog):
     """The same command again (after it finished, or after a Ctrl-C) must not move the checkpoints it trained
     aside a second time, nor fail once step N has rotated out (keep_checkpoints=3)."""
@@ -216,6 +222,7 @@ def test_rerunning_a_finished_run_reports_it_and_changes_nothing(local_data, tmp
     assert sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*") if p.is_file()) == before
 
 
+@pytest.mark.slow
 def test_extending_num_steps_on_resume_warns_about_the_schedule(local_data, tmp_path, caplog):
     c = tiny(local_data, num_steps=8, eval_every=0)
     train(Experiment.from_config(c), tmp_path)

@@ -110,6 +110,7 @@ def fresh(trainer: TrainProgram, host_state: TrainState) -> TrainState:
 
 
 # ---------------------------------------------------------------------- mesh equivalence
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_sharded_step_matches_single_device(reference, shape):
     mesh = mesh_of(*shape)
@@ -139,6 +140,7 @@ def test_sharded_step_matches_single_device(reference, shape):
         assert sums["tokens"] == ref_sums["tokens"] == ref["tokens"]
 
 
+@pytest.mark.slow
 def test_scanned_layers_use_the_same_rules(reference):
     """scan_layers params (leading [layers] axis) take the same rules and give the same step."""
     mesh = mesh_of(1, 2, 4)
@@ -156,6 +158,7 @@ def test_scanned_layers_use_the_same_rules(reference):
     assert_trees_close(unstack_layers(jax.device_get(state.params)), reference["params"])
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_big_batch(reference):
     """2 microbatches on the (2,2,2) mesh == one batch on one device (token-weighted, not per-microbatch)."""
     c = small_config()
