@@ -60,6 +60,26 @@ def skip_the_tpu_backend_without_a_tpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def default_compilation_cache_dir() -> str:
+    """Where compiled programs persist between commands when JAX_COMPILATION_CACHE_DIR is unset."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "llama_jax", "jax_compilation_cache")
+
+
+def use_compilation_cache() -> None:
+    """Turn on jax's persistent compilation cache, so a second run of a config (a resumed run, a sweep's next
+    seed, eval_ppl on the same shapes) loads its compiled steps instead of compiling them again: in
+    default_compilation_cache_dir(), or where JAX_COMPILATION_CACHE_DIR says (jax's own variable, read at its
+    import; a gs:// path on a pod, so every host and every new VM shares it, as MaxText's jax_cache_dir).
+    JAX_ENABLE_COMPILATION_CACHE=false turns it off. jax's own thresholds apply (programs that compile in
+    under jax_persistent_cache_min_compile_time_secs, 1 s, are not stored: reading them back costs about as
+    much, more so from a bucket)."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", default_compilation_cache_dir())
+
+
 def _script_name() -> str:
     return os.path.basename(sys.argv[0]).removesuffix(".py")
 
@@ -89,6 +109,7 @@ def run(main) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag (quote values).")
         skip_the_tpu_backend_without_a_tpu()  # after the flags: --help answers without importing JAX
+        use_compilation_cache()
         try:
             return main(argv)
         except LlamaJaxError as e:

@@ -15,6 +15,7 @@ which policy is the cheapest (least recompute) that fits the config's batch.
 
 import json
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -51,6 +52,10 @@ def _search(exp: Experiment) -> int:
 
 def main(argv):
     cli.quiet_logs()
+    # The planner compiles for TPU chips that are not here, and jax cannot load such a program back from the
+    # persistent compilation cache (it warns, then compiles again): store none. Before the first compile,
+    # when jax decides once per process whether to use the cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     exp = Experiment.from_config(_CONFIG.value)
     tpu.parse_slice(_TOPOLOGY.value)  # a bad name fails before anything is built
     if _SEARCH.value:

@@ -446,11 +446,12 @@ def _has_item(items, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------- resuming with a config
-# Fields that may differ between a run and the one it resumes: they steer the loop, not the result.
+# Fields that may differ between a run and the one it resumes: they steer the loop (or where it logs), not the
+# result.
 RUN_CONTROL_FIELDS = frozenset(
     {"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_period",
      "profile_start", "profile_steps", "allow_config_change", "resume_step", "spike_factor",
-     "max_consecutive_skips"}
+     "max_consecutive_skips", "wandb_project"}
 )
 
 

@@ -27,6 +27,15 @@ from llama_jax.tools import hf
 from tests.helpers import SHAKESPEARE, load_config, train_config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_in_a_temp_dir(tmp_path_factory):
+    """The commands the tests run in subprocesses (experiments.*) keep jax's persistent compilation cache,
+    which experiments/cli.py turns on by default in ~/.cache, in this session's temp dir: the suite never
+    writes to the user's home. In-process tests keep jax's default (no persistent cache): jax read
+    JAX_COMPILATION_CACHE_DIR when it was imported above."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+
+
 @pytest.fixture(scope="session")
 def shakespeare_path() -> pathlib.Path:
     assert SHAKESPEARE.exists(), f"tests read tiny-shakespeare from {SHAKESPEARE} (the shared/ beside the repo)"

@@ -118,6 +118,15 @@ def test_a_workdir_written_before_a_field_existed_still_resumes(tmp_path):
         checkpoint.check_resume_config(tmp_path, changed)
 
 
+def test_logging_to_wandb_on_resume_is_not_a_config_change(tmp_path):
+    """wandb_project says where a run logs, not what it computes: a workdir written before the field existed,
+    or without W&B, resumes with it turned on."""
+    new = Experiment.from_config(base_config("tiny")).to_dict()
+    old = {k: v for k, v in new.items() if k != "wandb_project"}
+    checkpoint.write_config(tmp_path, old)
+    checkpoint.check_resume_config(tmp_path, {**new, "wandb_project": "ablations"})
+
+
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
 def test_a_checkpoint_without_a_readable_checksum_record_restores_only_with_a_loud_warning(tmp_path, caplog, damage):
     """Without its record a flipped bit would restore silently: the restore must say so, name the checkpoint

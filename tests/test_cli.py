@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, run_module
+from tests.helpers import REPO, SHAKESPEARE, run_module
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,35 @@ def test_with_libtpu_and_no_tpu_commands_use_the_cpu_backend_quietly():
                "print(jax.config.jax_platforms, jax.devices()[0].platform)")
     assert r.stdout.split() == ["cpu", "cpu"]
     assert "hostname" not in r.stderr and "TPU_ACCELERATOR_TYPE" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_config_loads_the_compiled_train_step_from_the_default_cache(tmp_path):
+    """jax's persistent compilation cache is on by default, in ~/.cache/llama_jax/jax_compilation_cache: a
+    second run of the same config (here in another workdir, as a sweep's next seed) loads its train step
+    instead of compiling it, and trains the same."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    (tmp_path / "train.txt").write_text(text[:-20000], encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(text[-20000:], encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
+    # JAX_LOG_COMPILES logs each cache hit; min compile time 0 stores the step however fast this machine is.
+    env |= {"HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+    def train(workdir: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(
+            [sys.executable, "-m", "experiments.train", "--config=configs/tiny.py", f"--workdir={tmp_path / workdir}",
+             "--config.num_steps=2", "--config.eval_every=0", "--config.checkpoint_every=0",
+             f"--config.data.train_files={tmp_path / 'train.txt'}", f"--config.data.eval_files={tmp_path / 'eval.txt'}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    first = train("run1")
+    cache = tmp_path / "home" / ".cache" / "llama_jax" / "jax_compilation_cache"
+    assert hit not in first.stderr and any(p.name.startswith("jit_train_step-") for p in cache.iterdir())
+    second = train("run2")
+    assert hit in second.stderr
+    loss = [line.split(",")[0] for line in (first.stdout, second.stdout)]
+    assert loss[0] == loss[1] and loss[0].startswith("step 2: train/loss="), loss

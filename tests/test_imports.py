@@ -38,3 +38,8 @@ def test_sample_help_and_flag_errors_load_no_jax():
     statement = ("import sys\nsys.argv = ['sample', '--help']\nimport experiments.sample\n"
                  "from absl import flags\nflags.FLAGS(['sample', '--workdir=x'])")
     assert loaded_after(statement, ["jax", "orbax.checkpoint"]) == {"jax": False, "orbax.checkpoint": False}
+
+
+def test_the_training_loop_loads_wandb_only_for_a_run_that_logs_to_it():
+    """Weights & Biases is an optional extra (loop.wandb_project): an install without it trains as before."""
+    assert loaded_after("import llama_jax.train.loop", ["wandb"]) == {"wandb": False}

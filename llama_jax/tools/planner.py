@@ -78,6 +78,7 @@ class Report:
     estimate_s: float | None = None
     estimate_note: str = ""
     model_flops_with_attention: float = 0.0
+    mesh_note: str = ""  # how the config's mesh was fitted to the slice (fit_mesh), if it was
 
     @property
     def fits(self) -> bool:
@@ -106,7 +107,7 @@ class Report:
             else None,
             "collectives": {k: {"count": c, "bytes": b} for k, (c, b) in self.collectives.items()},
             "estimate_s": self.estimate_s, "mfu": None if self.mfu is None else round(self.mfu, 4),
-            "compile_s": round(self.compile_s, 1),
+            "compile_s": round(self.compile_s, 1), "mesh_note": self.mesh_note or None,
         }
 
     def lines(self) -> list[str]:
@@ -117,6 +118,7 @@ class Report:
             f"{s.hosts * self.num_slices} hosts, {gib(s.hbm_bytes)} HBM per chip",
             f"{self.step} step: global batch {self.batch_size} x {self.seq_len} tokens, mesh {mesh}, "
             f"remat {self.remat_policy}; compiled in {self.compile_s:.0f} s",
+            *([self.mesh_note] if self.mesh_note else []),
             "per chip, from the shardings: " + ", ".join(f"{k} {gib(v)}" for k, v in self.ledger.items()),
         ]
         if self.fits:
@@ -298,20 +300,42 @@ def _estimate(exp: Experiment, devices, step: str) -> tuple[float | None, str]:
     return total, f"from unrolled 1- and 2-layer compiles: {per_layer * 1e3:.1f} ms per layer"
 
 
+def fit_mesh(mesh: sharding.MeshConfig, num_devices: int) -> tuple[sharding.MeshConfig, str]:
+    """The config's mesh for a slice of `num_devices` chips, and a note when it had to change.
+
+    A mesh with every axis fixed (no -1) whose product is not the chip count was written for other hardware
+    (configs/shakespeare.py's mesh.data=1 is one CPU). Asking what the config needs on this slice, the data
+    axis takes the remaining chips (fsdp and tensor as the config sets them, so the per-chip shardings are
+    the config's), and the note names the flag that trains it that way. Any other mesh is left as it is, so
+    a mesh that cannot fit the slice still fails with make_mesh's error.
+    """
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    if -1 in sizes or math.prod(sizes) == num_devices or num_devices % (mesh.fsdp * mesh.tensor):
+        return mesh, ""
+    fitted = mesh.replace(data=-1)
+    return fitted, (
+        f"mesh: the config's data {mesh.data} x fsdp {mesh.fsdp} x tensor {mesh.tensor} is {math.prod(sizes)} "
+        f"device(s), not this slice's {num_devices}; planned with --config.mesh.data=-1 (data "
+        f"{num_devices // (mesh.fsdp * mesh.tensor)}), the flag that trains it on this slice."
+    )
+
+
 def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step: str = "train",
          estimate: bool = True, decode_lengths: tuple[int, int] = (1024, 1024)) -> Report:
     """Compile `step` of `exp` for `num_slices` slices of `topology` and report (module docstring)."""
     if step not in STEPS:
         raise ConfigError(f"step={step!r} is not one of {STEPS}.")
     tpu = parse_slice(topology) if isinstance(topology, str) else topology
-    exp = dataclasses.replace(exp, mesh=exp.mesh.replace(num_slices=num_slices))
     devices = abstract_devices(tpu, num_slices)
+    mesh, mesh_note = fit_mesh(exp.mesh.replace(num_slices=num_slices), len(devices))
+    exp = dataclasses.replace(exp, mesh=mesh)
     t0 = time.perf_counter()
     prog, lowered, batch = _lower(exp, devices, step, decode_lengths)
     report = Report(
         slice=tpu, num_slices=num_slices, step=step, mesh=dict(prog.mesh.shape), batch_size=batch,
         seq_len=sum(decode_lengths) if step == "decode" else exp.loop.seq_len,
         remat_policy=exp.model.remat_policy, loss_chunk=exp.model.loss_chunk, ledger=_ledger(prog, step), compile_s=0.0,
+        mesh_note=mesh_note,
     )
     try:
         compiled = lowered.compile()
@@ -386,7 +410,8 @@ def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, po
     see `largest_fitting` for the compiles it takes (at most `max_compiles` per policy).
     """
     tpu = parse_slice(topology) if isinstance(topology, str) else topology
-    mesh = sharding.make_mesh(exp.mesh.replace(num_slices=num_slices), abstract_devices(tpu, num_slices))
+    devices = abstract_devices(tpu, num_slices)
+    mesh = sharding.make_mesh(fit_mesh(exp.mesh.replace(num_slices=num_slices), len(devices))[0], devices)
     unit = sharding.batch_shards(mesh) * exp.loop.grad_accum_steps
     out = {}
     for policy in policies:

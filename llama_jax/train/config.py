@@ -36,6 +36,8 @@ class LoopConfig(Section):
     resume_step: int = -1
     profile_start: int = 10  # first step of a jax.profiler trace (written to WORKDIR/profile)
     profile_steps: int = 0  # number of steps to trace; 0 = no trace
+    # Also log the metrics.jsonl scalars to this Weights & Biases project (pip install -e ".[wandb]"); "": off.
+    wandb_project: str = ""
 
     def __post_init__(self):
         for name in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):

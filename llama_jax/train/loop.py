@@ -31,7 +31,7 @@ from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.lock import WorkdirLock
 from llama_jax.lora.workdir import read_base_ref, restore_base, write_base_ref
 from llama_jax.train import hooks, init_from
-from llama_jax.train.metrics import MetricWriter, peak_flops, read_metrics, truncate_metrics
+from llama_jax.train.metrics import MetricWriter, import_wandb, peak_flops, read_metrics, truncate_metrics
 from llama_jax.train.optim import make_schedule
 from llama_jax.train.program import TrainProgram
 from llama_jax.train.step import restore_state
@@ -54,6 +54,8 @@ def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = (),
     distributed.quiet_non_main_processes()
     workdir = os.fspath(workdir)
     exp = init_from.resolve(exp, explicit)  # reads the source only: a refusal leaves the workdir untouched
+    if exp.loop.wandb_project and distributed.is_main_process():
+        import_wandb()  # a missing wandb is refused here, before the workdir is touched
     # Config errors (mesh, divisibility, rules) are raised here, before the workdir is touched.
     program = TrainProgram.from_experiment(exp)
     with _workdir_lock(workdir) as lock:
@@ -96,7 +98,8 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     run.done = run.start
     if distributed.is_main_process():
         _write_workdir(exp, workdir, tokenizer, base_ref, run.start)
-    writer = MetricWriter(workdir, enabled=distributed.is_main_process())
+    writer = MetricWriter(workdir, enabled=distributed.is_main_process(), wandb_project=loop.wandb_project,
+                          config=exp.to_dict())
     with contextlib.closing(writer):
         all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match), *extra_hooks]
         if lock is not None:

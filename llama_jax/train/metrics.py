@@ -1,4 +1,4 @@
-"""Metric sinks (metrics.jsonl, TensorBoard) and MFU against a per-backend peak.
+"""Metric sinks (metrics.jsonl, TensorBoard, optionally Weights & Biases) and MFU against a per-backend peak.
 
 Only process 0 writes. Metric names are a contract other tools read: "step", "train/loss", "train/lr",
 "train/grad_norm", "train/tokens_per_sec", "train/mfu", "eval/loss", "eval/perplexity",
@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from llama_jax.errors import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"  # in the workdir: a resumed run logs on to the same W&B run
 
 # Dense bf16 peak FLOP/s per chip (vendor figures). Matched against jax's device_kind by substring, the
 # most specific first.
@@ -76,16 +79,32 @@ def peak_flops() -> tuple[float, str]:
     return math.nan, f"unknown device kind {device.device_kind!r}: MFU not reported"
 
 
-class MetricWriter:
-    """Appends one JSON object per call to DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+def import_wandb():
+    """The wandb module; it is imported only by a run that logs to W&B (`wandb_project`), so an install
+    without the `wandb` extra trains as before."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError('wandb_project is set but wandb is not installed: pip install -e ".[wandb]", or leave '
+                          "--config.wandb_project empty.") from None
+    return wandb
 
-    def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricWriter:
+    """Appends one JSON object per call to DIR/metrics.jsonl and mirrors its scalars to TensorBoard and, when
+    `wandb_project` is set, to that Weights & Biases project (WANDB_MODE=offline keeps the run on disk)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, wandb_project: str = "",
+                 config: dict[str, Any] | None = None):
         self.enabled = enabled
+        self._wandb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if wandb_project:
+            self._wandb = _wandb_run(import_wandb(), workdir, wandb_project, config)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,15 +112,34 @@ class MetricWriter:
         row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
         self._jsonl.write(json_line(row) + "\n")
         self._jsonl.flush()
-        for k, v in row.items():
-            if k != "step" and isinstance(v, float | int):
-                self._tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float | int)}
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _wandb_run(wandb, workdir: str, project: str, config: dict[str, Any] | None):
+    """A W&B run named after the workdir; its id is kept in the workdir, so a resumed run continues it (W&B
+    drops the rows of steps it already holds, those a resumed run recomputes)."""
+    id_file = os.path.join(workdir, WANDB_ID_FILE)
+    run_id = None
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    run = wandb.init(project=project, id=run_id, name=os.path.basename(os.path.normpath(workdir)),
+                     resume="allow", config=config)
+    with open(id_file, "w") as f:
+        f.write(run.id)
+    return run
 
 
 def _scalar(v):

@@ -361,3 +361,30 @@ def test_inspect_data_usage_error_is_one_line(tmp_path):
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"inspect_data: {tmp_path}/a.jsonl:2: message 0 has role 'bot'" in r.stderr
+
+
+def test_inspect_data_readme_example_needs_no_model_override_for_a_real_tokenizer(tmp_path, shakespeare_path):
+    """The README's inspect_data command with an HF tokenizer dir larger than the config's model vocab (tiny's
+    384 rows; real tokenizers have tens of thousands of ids): a data-only tool shows the rows, and says in one
+    warning what training with this config would refuse, instead of stopping for --config.model.vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([shakespeare_path.read_text(encoding="utf-8")[:60000]], trainer)
+    (tmp_path / "hf").mkdir()
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    r = run_module(
+        "experiments.inspect_data", "--config=configs/tiny.py", "--config.seq_len=128",
+        "--config.data.format=sft", "--config.data.packing=packed", f"--config.data.tokenizer={tmp_path / 'hf'}",
+        f"--config.data.train_files={write_jsonl(tmp_path / 'train.jsonl', PROMPTS)}",
+        f"--config.data.eval_files={write_jsonl(tmp_path / 'eval.jsonl', PROMPTS[:1])}", "--num_rows=2",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[1].startswith("row 0: ") and json.loads(r.stdout.splitlines()[-1])["kept"] == 2
+    assert "training with this config would stop here" in r.stderr and "--config.model.vocab_size=" in r.stderr

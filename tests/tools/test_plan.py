@@ -100,6 +100,18 @@ def test_the_saved_residual_stream_is_sharded_over_tensor():
     assert not re.search(r"bf16\[3,4,256,128\]", text)
 
 
+def test_a_config_whose_mesh_is_fixed_for_one_device_is_planned_with_data_over_the_slice():
+    """configs/shakespeare.py sets mesh.data=1 (one CPU): planned for v5litepod-8, its data axis takes the 8
+    chips, and the report says so and names the flag that trains it there (the README's --step=eval example)."""
+    report = planner.plan(Experiment.from_config(load_config("shakespeare")), "v5litepod-8", step="eval",
+                          estimate=False)
+    assert report.fits and report.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert "--config.mesh.data=-1" in report.mesh_note and report.mesh_note in report.lines()
+    # A mesh with a -1 axis, or one that cannot fit the slice by data alone, is the config's own.
+    assert planner.fit_mesh(sharding.MeshConfig(data=2, fsdp=-1), 8) == (sharding.MeshConfig(data=2, fsdp=-1), "")
+    assert planner.fit_mesh(sharding.MeshConfig(data=1, fsdp=3), 8) == (sharding.MeshConfig(data=1, fsdp=3), "")
+
+
 @pytest.mark.slow
 def test_multi_slice_mesh_puts_data_across_slices():
     devices = tpu.abstract_devices("v5p-16", num_slices=2)
@@ -166,3 +178,18 @@ def test_plan_cli_prints_the_report_and_exits_by_the_fit():
     assert big.returncode == 1 and "does not fit" in big.stdout
     bad = run_module("experiments.plan", "--config=configs/tiny.py", "--topology=v5p-100")
     assert bad.returncode == 1 and "v5p-N (TensorCores" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_eval_plan_runs_and_twice_stores_nothing_in_the_compilation_cache(tmp_path):
+    """The README's `plan --config=configs/shakespeare.py --topology=v5litepod-8 --step=eval`, twice with one
+    persistent compilation cache: a program compiled for absent TPU chips cannot be loaded back (jax warned
+    "Error reading persistent compilation cache entry" on the second run), so the planner stores none."""
+    args = ("experiments.plan", "--config=configs/shakespeare.py", "--topology=v5litepod-8", "--step=eval")
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    for _ in range(2):
+        r = run_module(*args, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+        assert "compilation cache" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
