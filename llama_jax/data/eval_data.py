@@ -147,9 +147,7 @@ def eval_sets(data: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_siz
             continue
         source = source_for_role(cfg, data, "eval")
         if data.format == "sft":
-            records = list(source.shards[0].read())
-            docs = Documents(source.description, source.key, len(records), lambda lo, hi, r=records: iter(r[lo:hi]))
-            stream, _ = sft.tokenize_records(docs, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
+            stream = sft.tokenize_source(source, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
         else:
             _, shards = token_cache.open_source(source, tokenizer, cache_dir=data.cache_dir, role="eval",
                                                 add_bos=data.add_bos, add_eos=data.add_eos)

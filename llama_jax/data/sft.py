@@ -35,7 +35,7 @@ import numpy as np
 from llama_jax.data import chat
 from llama_jax.data.config import DataConfig
 from llama_jax.data.files import JSON_TYPES
-from llama_jax.data.sources import Documents
+from llama_jax.data.sources import Documents, Source
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.data.tokens import TokenStream, stream_dtype
 from llama_jax.errors import DataError
@@ -232,3 +232,11 @@ def tokenize_records(
         trained=np.concatenate(masks) if masks else np.zeros(0, bool),
     )
     return stream, stats
+
+
+def tokenize_source(source: Source, formatter: Formatter, *, seq_len: int) -> TokenStream:
+    """A record source's one shard (source_for_role with data.format="sft") as one TokenStream, in memory:
+    SFT records are tokenized each run, with their loss masks."""
+    records = list(source.shards[0].read())
+    docs = Documents(source.description, source.key, len(records), lambda lo, hi: iter(records[lo:hi]))
+    return tokenize_records(docs, formatter, seq_len=seq_len)[0]

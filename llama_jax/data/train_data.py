@@ -198,7 +198,7 @@ class TrainData:
             source = source_for_role(cfg, data, "train")
             cache = None
             if data.format == "sft":
-                stream = _sft_stream(source, tokenizer, data, seq_len)
+                stream = sft.tokenize_source(source, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
                 shards = [token_cache.in_memory(stream, source.shards[0].name)]
             else:
                 cache, shards = token_cache.open_source(
@@ -296,14 +296,6 @@ class TrainData:
         prefetch = self.prefetch if prefetch is None else prefetch
         where = dict(process_index=process_index, process_count=process_count, rows=rows)
         return DataIterator(self, int(start), where, prefetch)
-
-
-def _sft_stream(source: Source, tokenizer: Tokenizer, data: DataConfig, seq_len: int) -> TokenStream:
-    """SFT records are tokenized each run, in memory, with their loss masks (llama_jax/data/sft.py)."""
-    records = list(source.shards[0].read())
-    docs = Documents(source.description, source.key, len(records), lambda lo, hi: iter(records[lo:hi]))
-    stream, _ = sft.tokenize_records(docs, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
-    return stream
 
 
 class DataIterator:
