@@ -17,15 +17,6 @@ from llama_jax.train import Hook, peak_flops, read_metrics, summarize, train
 from tests.helpers import load_config
 
 
-@pytest.fixture(scope="module")
-def local_data(tmp_path_factory, shakespeare_path):
-    root = tmp_path_factory.mktemp("loop_data")
-    text = shakespeare_path.read_text(encoding="utf-8")
-    (root / "train.txt").write_text(text[:200_000], encoding="utf-8")
-    (root / "eval.txt").write_text(text[-5_000:], encoding="utf-8")
-    return root
-
-
 def tiny(local_data, **top):
     c = load_config("tiny")
     c.data.train_files, c.data.eval_files = str(local_data / "train.txt"), str(local_data / "eval.txt")

@@ -11,25 +11,7 @@ import pytest
 from llama_jax import errors
 from llama_jax.experiment import Experiment
 from llama_jax.train import read_metrics, train
-from tests.helpers import load_config
-
-
-@pytest.fixture(scope="module")
-def local_data(tmp_path_factory, shakespeare_path):
-    root = tmp_path_factory.mktemp("wandb_data")
-    text = shakespeare_path.read_text(encoding="utf-8")
-    (root / "train.txt").write_text(text[:100_000], encoding="utf-8")
-    (root / "eval.txt").write_text(text[-5_000:], encoding="utf-8")
-    return root
-
-
-def tiny(local_data, **top):
-    c = load_config("tiny")
-    c.data.train_files, c.data.eval_files = str(local_data / "train.txt"), str(local_data / "eval.txt")
-    c.batch_size, c.seq_len = 8, 32
-    for k, v in top.items():
-        c[k] = v
-    return c
+from tests.train.test_loop import tiny
 
 
 def offline_history(run_dir) -> dict[int, dict]:
