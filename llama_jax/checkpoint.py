@@ -233,7 +233,9 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
 
 class _LeftoverTaskFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Task exception was never retrieved")
+        # A Task's or a bare Future's (asyncio words them differently; which one a run hits is timing).
+        return not record.getMessage().startswith(("Task exception was never retrieved",
+                                                   "Future exception was never retrieved"))
 
 
 _quieted = False
@@ -242,7 +244,7 @@ _quieted = False
 def _quiet_orbax_leftovers() -> None:
     """When one read fails, Orbax closes its event loop while the checkpoint's other reads are still in
     flight; each then prints a traceback ("Event loop is closed", or its abandoned coroutine's error, through
-    sys.unraisablehook; "Task exception was never retrieved" through asyncio's logger): a screen of noise
+    sys.unraisablehook; "Task/Future exception was never retrieved" through asyncio's logger): a screen of noise
     around the one-line error. Drop exactly those, for the rest of the process; every other unraisable error
     and log record still shows."""
     global _quieted
