@@ -457,6 +457,17 @@ RUN_CONTROL_FIELDS = frozenset(
 )
 
 
+# Where the data is found, not which data: a run moved to other machines, or resumed offline from a TFDS
+# manual dir, reads the same text (the data state's fingerprint checks that, by content, not by path).
+DATA_LOCATION_FIELDS = frozenset({"data_dir", "manual_dir", "cache_dir"})
+
+
+def _where_not_what(field: str) -> bool:
+    """A config field that may change on resume: run control, or (under data) where the data lives."""
+    return field in RUN_CONTROL_FIELDS or (field.startswith("data.")
+                                           and field.rsplit(".", 1)[-1] in DATA_LOCATION_FIELDS)
+
+
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Lines `field: old -> new` for every leaf that differs (JSON-normalised)."""
     lines = []
@@ -499,7 +510,7 @@ def check_resume_config(workdir, new: dict) -> None:
         )
     diff = [
         line for line in config_diff(_resolved(old), _resolved(new))
-        if line.split(":")[0] not in RUN_CONTROL_FIELDS
+        if not _where_not_what(line.split(":")[0])
     ]
     if diff and not new["allow_config_change"]:
         shown = "\n  ".join(diff)

@@ -193,3 +193,21 @@ def test_after_a_damaged_restore_only_orbax_leftover_reports_are_dropped_from_th
         logging.getLogger("asyncio").error("some other asyncio error")
     loop.close()
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["some other asyncio error"]
+
+
+def test_moving_the_data_is_not_a_config_change(tmp_path):
+    """data_dir, manual_dir and cache_dir (of the section or of a source) say where the text is found: a run
+    trained online resumes offline from a manual dir, or on machines with other paths. Which text is read is
+    checked by the data state's fingerprint."""
+    cfg = base_config("tiny")
+    cfg.data.sources = {"web": {"tfds_name": "tiny_shakespeare"}}
+    new = Experiment.from_config(cfg).to_dict()
+    checkpoint.write_config(tmp_path, new)
+    moved = {**new, "data": {**new["data"], "data_dir": "/elsewhere", "manual_dir": "/manual",
+                             "cache_dir": "/cache",
+                             "sources": {"web": {**new["data"]["sources"]["web"], "data_dir": "gs://b/tfds"}}}}
+    checkpoint.check_resume_config(tmp_path, moved)
+    other = {**new, "data": {**new["data"], "sources": {"web": {**new["data"]["sources"]["web"],
+                                                                "tfds_name": "other"}}}}
+    with pytest.raises(errors.ConfigMismatchError, match="data.sources.web.tfds_name"):
+        checkpoint.check_resume_config(tmp_path, other)

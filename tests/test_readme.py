@@ -6,24 +6,35 @@ tests/test_benchmarks.py. Commands with placeholders for the reader's own files 
 
 import re
 import shlex
+import subprocess
 
 import pytest
 
 from tests.helpers import REPO, load_config, run_module
 
 
-def readme_commands() -> list[str]:
+def readme_shell_steps() -> list[str]:
+    """Every command of the README's bash blocks, in reading order: continuations joined, comments and
+    optional [--flags] dropped, `a && b` split into a and b."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    commands = []
+    steps = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = re.split(r"\s#\s", line)[0]
+            line = re.split(r"(?:^|\s)#\s", line)[0]
             for part in line.split("&&"):
-                m = re.search(r"python -m (experiments\.\S+.*)", part)
-                if m:
-                    command = re.sub(r"\s*>.*$", "", m.group(1))  # drop a redirect (the pod command)
-                    command = re.sub(r"\[[^\]]*\]", "", command).strip().rstrip('"')  # optional [--flags]
-                    commands.append(" ".join(command.split()))
+                part = re.sub(r"\[[^\]]*\]", "", part)
+                if part.strip():
+                    steps.append(" ".join(part.split()))
+    return steps
+
+
+def readme_commands() -> list[str]:
+    """The `python -m experiments.*` commands of readme_shell_steps(), from the module name on."""
+    commands = []
+    for step in readme_shell_steps():
+        m = re.search(r"python -m (experiments\.\S+.*)", step)
+        if m:
+            commands.append(re.sub(r"\s*>.*$", "", m.group(1)).strip().rstrip('"'))  # a redirect (the pod's)
     return commands
 
 
@@ -93,3 +104,70 @@ def test_readme_python_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+# Flags that make a README command quick; a flag the command already sets keeps its value, or the smaller
+# number (the ablation sweep's num_steps=200 becomes 4).
+_QUICK = {
+    "experiments.main_job": ["--config.num_steps=4", "--config.eval_every=4", "--max_new_tokens=8"],
+    "experiments.train": ["--config.num_steps=4", "--config.eval_every=4"],
+    "experiments.sweep": ["--seeds=1", "--set=num_steps=4", "--set=eval_every=4"],
+    "experiments.sample": ["--max_new_tokens=8"],
+    "experiments.make_task": ["--num_train=64", "--num_eval=16"],
+}
+# The reader's own files and machines (an HF dir, a bucket, a pod), which a test cannot stand in for.
+_ELSEWHERE = re.compile(r"(?:^|[=\s'\"])/(?!tmp/)|gs://|\b[A-Z][A-Z0-9_]*(?:DIR|BUCKET)\b|BUCKET|configs/X\.py")
+# Compiles an 8B model for a 128-chip slice (minutes); tests/tools/test_plan.py covers those plans.
+_SLOW = re.compile(r"experiments\.plan .*--config=configs/llama")
+
+
+def _quick(args: list[str]) -> list[str]:
+    args = list(args)
+    for flag in _QUICK.get(args[0], []):
+        key, value = flag.rsplit("=", 1)
+        same = [i for i, a in enumerate(args) if a.rsplit("=", 1)[0] == key]
+        if not same:
+            args.append(flag)
+        for i in same:
+            given = args[i].rsplit("=", 1)[1]
+            if given.isdigit():
+                args[i] = f"{key}={min(int(given), int(value))}"
+    return args
+
+
+def _runs_here(step: str) -> bool:
+    """A step the test runs: an experiments command or the mkdir/cp that prepare its data, naming only /tmp,
+    the repo and ../shared, and files that exist (not the reader's train.jsonl or book.txt)."""
+    if not re.match(r"(python -m experiments\.|mkdir |cp )", step) or _ELSEWHERE.search(step) or _SLOW.search(step):
+        return False
+    config = re.search(r"--config=configs/(\w+)\.py", step)
+    if config and "gs://" in str(load_config(config.group(1)).data):  # its corpus is on the reader's bucket
+        return False
+    named = re.findall(r"--\w[\w.]*=['\"]?([\w./-]+\.(?:txt|json|jsonl|model))\b", step)
+    return all(p.startswith("/tmp/") or (REPO / p).exists() for p in named)
+
+
+@pytest.mark.slow
+def test_the_readme_walkthrough_runs_with_tiny_step_counts(tmp_path, tfds_manual_dir, tfds_data_dir):
+    """Every README command that needs nothing but this repo and ../shared runs, top to bottom as a reader
+    runs them, with /tmp/ moved into the test's directory and tiny step counts: an example that stops
+    working fails here. TFDS's tiny_shakespeare is prepared first, as it is for a reader online."""
+    from llama_jax.data import tfds_builder
+
+    tfds_builder("tiny_shakespeare", str(tfds_data_dir), str(tfds_manual_dir))
+    env = {"TFDS_DATA_DIR": str(tfds_data_dir), "XLA_FLAGS": ""}  # one CPU device, as a reader runs it
+    ran: list[str] = []
+    for step in readme_shell_steps():
+        if not _runs_here(step) or step in ran:
+            continue
+        ran.append(step)
+        here = step.replace("/tmp/", f"{tmp_path}/")
+        if step.startswith(("mkdir ", "cp ")):
+            subprocess.run(here, shell=True, cwd=REPO, check=True)
+            continue
+        args = _quick(shlex.split(here.removeprefix("python -m ")))
+        r = run_module(*args, timeout=600, env=env)
+        assert r.returncode == 0, f"README: {step}\nran as: {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    scripts = {s.split()[2] for s in ran if s.startswith("python")}
+    assert {"experiments.main_job", "experiments.train", "experiments.sweep", "experiments.eval_ppl",
+            "experiments.sample", "experiments.convert_hf", "experiments.make_task"} <= scripts, scripts
