@@ -12,9 +12,14 @@
     # an SFT fine-tune: loss on held-out responses (response_loss, ...) and greedy exact match on 200 records
     python -m experiments.eval_ppl --workdir=DIR --config.data.exact_match_records=200
 
-A workdir trained on several sources (data.sources) scores each source's held-out set and prints a table,
-a row per source and their total (nats/token over all sets' tokens, bits/byte over all their bytes); the
-JSON line then holds the total and "sets": {source: {...}}.
+    # several held-out sets: the workdir's (each source's and data.eval_sets'), some of them, ad-hoc files
+    python -m experiments.eval_ppl --workdir=DIR --sets=tiny_shakespeare,test --set_files='notes=notes/*.txt'
+
+Every held-out set is scored: each source's (data.sources) and each of data.eval_sets, or those --sets
+names, plus --set_files ones. A table on stderr has a row per set (documents, tokens, bytes, nats/token,
+perplexity, bits/byte), then with several sets their mean (each set counts once, Paloma-style) and their
+total (nats/token over all sets' tokens, bits/byte over all their bytes); the JSON line then holds the
+total, mean/loss and mean/bits_per_byte, and "sets": {name: {...}}.
 
 Prints a final JSON line {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}
 (strict JSON: a non-finite value is null and listed under "nonfinite", and the exit status is then 1);
@@ -38,7 +43,7 @@ from ml_collections import ConfigDict, config_flags
 from experiments import cli
 from llama_jax import distributed
 from llama_jax.data import DataConfig
-from llama_jax.errors import NonFiniteResult
+from llama_jax.errors import DataError, NonFiniteResult
 from llama_jax.inference import evaluate_workdir
 from llama_jax.train.metrics import json_line
 
@@ -50,6 +55,14 @@ _CONFIG = config_flags.DEFINE_config_dict(
     ConfigDict({"data": DataConfig().to_dict()}),
     "Data overrides, --config.data.FIELD=VALUE (fields of llama_jax/data/config.py's DataConfig); "
     "fields not given come from the workdir's config.json.",
+)
+_SETS = flags.DEFINE_list(
+    "sets", None, "Score only these held-out sets (names of the workdir's sources and data.eval_sets, and "
+    "--set_files names); default: all of them."
+)
+_SET_FILES = flags.DEFINE_multi_string(
+    "set_files", [], "NAME=GLOBS: another held-out set, from local or gs:// files (comma-separated globs, the "
+    "formats of data.eval_files); repeat for more."
 )
 _SEQ_LEN = flags.DEFINE_integer(
     "seq_len", 0, "Window length in tokens (default: the workdir's seq_len, else min(max_seq_len, 2048))."
@@ -73,6 +86,8 @@ def main(argv):
         text_file=_TEXT_FILE.value,
         split=_SPLIT.value,
         data_overrides=flags.FLAGS["config"].override_values,
+        sets=_SETS.value,
+        set_files=_set_files(_SET_FILES.value),
         seq_len=_SEQ_LEN.value,
         stride=_STRIDE.value,
         batch_size=_BATCH_SIZE.value,
@@ -80,12 +95,7 @@ def main(argv):
         mesh=cli.mesh(default_data=-1),  # data parallel over every device unless asked
     )
     if distributed.is_main_process():
-        if "sets" in result:  # one row per held-out set (source), then their total
-            print(f"{'set':16s} {'tokens':>10s} {'bytes':>11s} {'nats/token':>10s} {'perplexity':>10s} "
-                  f"{'bits/byte':>9s}", file=sys.stderr)
-            for name, r in [*result["sets"].items(), ("total", result)]:
-                print(f"{name:16s} {r['tokens']:10.0f} {r['bytes']:11.0f} {r['loss']:10.4f} {r['perplexity']:10.3f} "
-                      f"{r['bits_per_byte']:9.4f}", file=sys.stderr)
+        print_table(result)
         scored = " (responses only)" if "response_loss" in result else ""
         exact = (f", exact match {result['exact_match']:.3f} of {result['exact_match_records']:.0f} records"
                  if "exact_match" in result else "")
@@ -100,6 +110,32 @@ def main(argv):
             f"the loss of {_WORKDIR.value} on {result['data']} is {result['loss']}: its params are damaged or "
             "diverged. Evaluate an earlier checkpoint with --step=N (see its checkpoints/ directory)."
         )
+
+
+def _set_files(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, globs = spec.partition("=")
+        if not sep or not name.strip() or not globs.strip():
+            raise DataError(f"--set_files={spec!r} is not NAME=GLOBS; write e.g. --set_files='wiki=/data/wiki/*.jsonl'.")
+        out[name.strip()] = globs.strip()
+    return out
+
+
+def print_table(result: dict) -> None:
+    """A row per held-out set, then with several their mean (loss and bits/byte) and total, on stderr."""
+    def row(name, r):
+        return (f"{name:20s} {r['documents']:9d} {r['tokens']:10.0f} {r['bytes']:11.0f} {r['loss']:10.4f} "
+                f"{r['perplexity']:10.3f} {r['bits_per_byte']:9.4f}")
+
+    lines = [f"{'set':20s} {'documents':>9s} {'tokens':>10s} {'bytes':>11s} {'nats/token':>10s} "
+             f"{'perplexity':>10s} {'bits/byte':>9s}"]
+    if "sets" in result:
+        lines += [row(name, r) for name, r in result["sets"].items()]
+        lines.append(f"{'mean':20s} {'':9s} {'':10s} {'':11s} {result['mean/loss']:10.4f} {'':10s} "
+                     f"{result['mean/bits_per_byte']:9.4f}")
+    lines.append(row("total" if "sets" in result else "all", result))
+    print("\n".join(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":

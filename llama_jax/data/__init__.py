@@ -86,7 +86,15 @@ from llama_jax.data.chat import (
     load_template,
     save_tokenizer,
 )
-from llama_jax.data.config import FORMATS, LOSS_ON, PACKING_MODES, SOURCE_FIELDS, DataConfig, SourceConfig
+from llama_jax.data.config import (
+    EVAL_SET_FIELDS,
+    FORMATS,
+    LOSS_ON,
+    PACKING_MODES,
+    SOURCE_FIELDS,
+    DataConfig,
+    SourceConfig,
+)
 from llama_jax.data.display import format_row, summary
 from llama_jax.data.eval_data import EvalData, concat_streams, eval_sets, eval_windows, text_file_documents
 from llama_jax.data.files import FileInfo, expand_files
@@ -100,6 +108,7 @@ from llama_jax.data.sources import (
     check_no_leak,
     documents_for_role,
     file_documents,
+    held_out_documents,
     record_documents,
     source_documents,
     source_for_role,
@@ -120,6 +129,7 @@ from llama_jax.data.tokens import TokenStream, tokenize, tokenize_texts
 from llama_jax.data.train_data import DataIterator, SourceRows, TrainData
 
 __all__ = [
+    "EVAL_SET_FIELDS",
     "FORMATS",
     "LOSS_ON",
     "PACKING_MODES",
@@ -162,6 +172,7 @@ __all__ = [
     "file_documents",
     "format_row",
     "gather",
+    "held_out_documents",
     "load_template",
     "load_tokenizer",
     "local_rows",

@@ -15,6 +15,11 @@ LOSS_ON = ("responses", "all")
 # The fields a named source (data.sources.NAME) may set; those it does not set come from config.data.
 SOURCE_FIELDS = ("tfds_name", "train_split", "eval_split", "text_key", "data_dir", "manual_dir", "train_files",
                  "eval_files", "weight")
+# The fields a named held-out set (data.eval_sets.NAME) may set: `files`, or a TFDS `split` (of `tfds_name`);
+# text_key, data_dir, manual_dir and tfds_name it does not set come from config.data.
+EVAL_SET_FIELDS = ("files", "tfds_name", "split", "text_key", "data_dir", "manual_dir")
+# Rows of eval_ppl's table and keys of eval/<name>/...: a set may not take these names.
+RESERVED_SET_NAMES = ("mean", "total")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -49,6 +54,10 @@ class DataConfig(Section):
     sources: dict = dataclasses.field(default_factory=dict)
     # Weights that change during training: "STEP:NAME=W,NAME=W;STEP:..." (each stage lists every source).
     stages: str = ""
+    # Held-out sets scored at every evaluation besides the sources' own (never trained on): {NAME: {field:
+    # value}} with fields of EVAL_SET_FIELDS, each `files` (globs, as eval_files) or a TFDS `split`; logged
+    # as eval/NAME/{loss,perplexity,bits_per_byte}, with eval/mean/* (unweighted over sets) and the total.
+    eval_sets: dict = dataclasses.field(default_factory=dict)
     mixture_block: int = 1024  # rows per mixture block: each source gives exactly round(weight*block) rows
     prefetch: int = 2  # batches computed ahead in a background thread
     # Supervised fine-tuning (llama_jax/data/sft.py): "sft" reads train_files / eval_files as .jsonl records,
@@ -72,6 +81,7 @@ class DataConfig(Section):
             v = getattr(self, name)
             self._check(v >= 1, f"data.{name}={v} must be >= 1.")
         self.source_configs()  # every source's fields are checked once, here
+        self.eval_set_configs()
         self.stage_weights()
         self._check(bool(self.text_key), "data.text_key must name the feature or field holding the text.")
         self._check(bool(self.tokenizer), "data.tokenizer must be 'byte', a tokenizer file or dir, or train:bpe:N.")
@@ -113,6 +123,21 @@ class DataConfig(Section):
                               "data.eval_files, not data.sources.")
         return tuple(out)
 
+    def eval_set_configs(self) -> tuple[SourceConfig, ...]:
+        """The extra held-out sets (data.eval_sets), in name order, each as a source with only held-out data
+        (eval_files or eval_split) and weight 0: it never feeds training."""
+        taken = {s.name for s in self.source_configs()}
+        base = {"tfds_name": self.tfds_name, "text_key": self.text_key, "data_dir": self.data_dir,
+                "manual_dir": self.manual_dir}
+        return tuple(_eval_set_config(name, dict(fields or {}), base, taken)
+                     for name, fields in sorted(dict(self.eval_sets).items()))
+
+    def held_out_configs(self) -> tuple[SourceConfig, ...]:
+        """Every held-out set: each source's (in a mixture, a files source without eval_files has none), then
+        each of data.eval_sets."""
+        own = [c for c in self.source_configs() if not (self.sources and c.train_files and not c.eval_files)]
+        return (*own, *self.eval_set_configs())
+
     def stage_weights(self) -> tuple[tuple[int, dict[str, float]], ...]:
         """(first step, {source: weight}) per stage; stage 0 starts at step 0 with the sources' weights."""
         names = [s.name for s in self.source_configs()]
@@ -152,3 +177,25 @@ class SourceConfig(Section):
     def __post_init__(self):
         self._check(self.weight >= 0, f"{self.name}: weight={self.weight} must be >= 0.")
         self._check(bool(self.text_key), f"{self.name}: text_key must name the field holding the text.")
+
+
+def _eval_set_config(name: str, fields: dict, base: dict, taken: set[str]) -> SourceConfig:
+    """data.eval_sets.NAME, checked, as a held-out-only source (see DataConfig.eval_set_configs)."""
+    where = f"data.eval_sets.{name}"
+    unknown = sorted(set(fields) - set(EVAL_SET_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} in {where}; a held-out set sets {list(EVAL_SET_FIELDS)}.")
+    if not _NAME.match(name) or name in RESERVED_SET_NAMES:
+        raise ConfigError(f"data.eval_sets: set name {name!r} may hold only letters, digits, _ . - and may not be "
+                          f"{' or '.join(RESERVED_SET_NAMES)}; rename it.")
+    if name in taken:
+        raise ConfigError(f"{where}: {name!r} is already a source's name (its held-out data is scored as "
+                          f"eval/{name}/*); give the set another name.")
+    files, split = fields.pop("files", ""), fields.pop("split", "")
+    if bool(files) == bool(split or "tfds_name" in fields):
+        raise ConfigError(f"{where} must give either files (globs of held-out files) or a TFDS split (and "
+                          f"optionally tfds_name), not {'both' if files else 'neither'}.")
+    if not files and not split:
+        raise ConfigError(f"{where} names tfds_name={fields['tfds_name']!r}: give its split too (e.g. split='test').")
+    return SourceConfig.from_dict({"name": name, **base, **fields, "train_split": "", "eval_split": split,
+                                   "train_files": "", "eval_files": files, "weight": 0.0})

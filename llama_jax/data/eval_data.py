@@ -19,7 +19,7 @@ import numpy as np
 
 from llama_jax.data import cache as token_cache
 from llama_jax.data import files, sft
-from llama_jax.data.config import DataConfig
+from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.data.packing import Rows, build_rows, gather, local_rows, pad_id_of, window_layout
 from llama_jax.data.sources import Documents, check_no_leak, no_text, source_for_role
 from llama_jax.data.tokenizer import Tokenizer
@@ -139,25 +139,28 @@ def eval_windows(
 
 def eval_sets(data: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_size: int) -> dict[str, EvalData]:
     """Each source's held-out data, by source name (a source of several without held-out files has none),
-    checked not to overlap any training data. With data.cache_dir it is tokenized once into the cache."""
+    then each extra held-out set of data.eval_sets, by its name; all checked not to overlap any training
+    data. With data.cache_dir each is tokenized once into the cache (CACHE/NAME/eval)."""
     check_no_leak(data)
-    out = {}
-    for cfg in data.source_configs():
-        if data.sources and cfg.train_files and not cfg.eval_files:
-            continue
-        source = source_for_role(cfg, data, "eval")
-        if data.format == "sft":
-            stream = sft.tokenize_source(source, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
-        else:
-            _, shards = token_cache.open_source(source, tokenizer, cache_dir=data.cache_dir, role="eval",
-                                                add_bos=data.add_bos, add_eos=data.add_eos)
-            stream = concat_streams([s.stream() for s in shards])
-        if int(stream.doc_bytes.sum()) == 0:
-            raise no_text(source.description)
-        out[cfg.name] = EvalData(stream, build_rows(stream, seq_len, data.packing), tokenizer, batch_size=batch_size)
+    out = {cfg.name: _held_out(cfg, data, tokenizer, seq_len=seq_len, batch_size=batch_size)
+           for cfg in data.held_out_configs()}
     if not out:
-        raise DataError("no source names held-out data: set eval_files (or a TFDS eval_split) on a source.")
+        raise DataError("no source names held-out data: set eval_files (or a TFDS eval_split) on a source, or "
+                        "name a held-out set in data.eval_sets.")
     return out
+
+
+def _held_out(cfg: SourceConfig, data: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_size: int) -> EvalData:
+    source = source_for_role(cfg, data, "eval")
+    if data.format == "sft":
+        stream = sft.tokenize_source(source, sft.Formatter.from_config(data, tokenizer), seq_len=seq_len)
+    else:
+        _, shards = token_cache.open_source(source, tokenizer, cache_dir=data.cache_dir, role="eval",
+                                            add_bos=data.add_bos, add_eos=data.add_eos)
+        stream = concat_streams([s.stream() for s in shards])
+    if int(stream.doc_bytes.sum()) == 0:
+        raise no_text(source.description)
+    return EvalData(stream, build_rows(stream, seq_len, data.packing), tokenizer, batch_size=batch_size)
 
 
 def concat_streams(streams: list[TokenStream]) -> TokenStream:

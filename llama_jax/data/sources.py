@@ -227,10 +227,17 @@ def _role_fields(cfg: SourceConfig, role: str) -> tuple[str, str]:
     return cfg.eval_files, cfg.eval_split
 
 
+def _what(cfg: SourceConfig, data_cfg: DataConfig, role: str) -> str:
+    """The config field naming a source's (or held-out set's) files, for messages."""
+    if cfg.name in data_cfg.eval_sets:
+        return f"data.eval_sets.{cfg.name}.files"
+    return f"data.sources.{cfg.name}.{role}_files" if data_cfg.sources else f"data.{role}_files"
+
+
 def source_for_role(cfg: SourceConfig, data_cfg: DataConfig, role: str) -> Source:
-    """The shards of one source's training ("train") or held-out ("eval") text."""
+    """The shards of one source's (or data.eval_sets entry's) training ("train") or held-out ("eval") text."""
     patterns, split = _role_fields(cfg, role)
-    what = f"data.sources.{cfg.name}.{role}_files" if data_cfg.sources else f"data.{role}_files"
+    what = _what(cfg, data_cfg, role)
     if data_cfg.format == "sft":
         docs = record_documents(patterns, what=what)
         return Source(cfg.name, docs.name, docs.key, (Shard(patterns, "", functools.partial(docs.read, 0, len(docs))),))
@@ -247,21 +254,31 @@ def source_for_role(cfg: SourceConfig, data_cfg: DataConfig, role: str) -> Sourc
 def source_documents(data_cfg: DataConfig, role: str) -> dict[str, Documents]:
     """Each source's training ("train") or held-out ("eval") documents, in memory (with data.format="sft",
     ("path:line", record) pairs; see record_documents). Held-out: a source of several without held-out
-    files has none."""
-    out = {}
-    for cfg in data_cfg.source_configs():
-        if role == "eval" and data_cfg.sources and cfg.train_files and not cfg.eval_files:
-            continue
-        patterns, split = _role_fields(cfg, role)
-        what = f"data.sources.{cfg.name}.{role}_files" if data_cfg.sources else f"data.{role}_files"
-        if data_cfg.format == "sft":
-            out[cfg.name] = record_documents(patterns, what=what)
-        elif patterns:
-            out[cfg.name] = file_documents(patterns, text_key=cfg.text_key, what=what)
-        else:
-            out[cfg.name] = tfds_documents(cfg.tfds_name, split, text_key=cfg.text_key, data_dir=cfg.data_dir,
-                                           manual_dir=cfg.manual_dir)
-    return out
+    files has none. held_out_documents adds the data.eval_sets entries."""
+    cfgs = data_cfg.source_configs() if role == "train" else data_cfg.held_out_configs()
+    return {cfg.name: _documents(cfg, data_cfg, role) for cfg in cfgs if cfg.name not in data_cfg.eval_sets}
+
+
+def held_out_documents(data_cfg: DataConfig, names: list[str] | None = None) -> dict[str, Documents]:
+    """Every held-out set by name: each source's (source_documents) then each data.eval_sets entry's; or
+    only those `names` lists, in that order (one not among them is an error listing those there are)."""
+    cfgs = {c.name: c for c in data_cfg.held_out_configs()}
+    unknown = [n for n in names or [] if n not in cfgs]
+    if unknown:
+        raise DataError(f"no held-out set named {unknown}; this config has {list(cfgs)} (its sources' held-out "
+                        "data and data.eval_sets).")
+    return {n: _documents(cfgs[n], data_cfg, "eval") for n in (names or cfgs)}
+
+
+def _documents(cfg: SourceConfig, data_cfg: DataConfig, role: str) -> Documents:
+    patterns, split = _role_fields(cfg, role)
+    what = _what(cfg, data_cfg, role)
+    if data_cfg.format == "sft":
+        return record_documents(patterns, what=what)
+    if patterns:
+        return file_documents(patterns, text_key=cfg.text_key, what=what)
+    return tfds_documents(cfg.tfds_name, split, text_key=cfg.text_key, data_dir=cfg.data_dir,
+                          manual_dir=cfg.manual_dir)
 
 
 def documents_for_role(data_cfg: DataConfig, role: str) -> Documents:
@@ -273,31 +290,43 @@ def documents_for_role(data_cfg: DataConfig, role: str) -> Documents:
 
 
 def check_no_leak(data_cfg: DataConfig) -> None:
-    """Raise if any source's held-out data overlaps training data: the same TFDS examples, or the same file
-    (one source's held-out file may not be any source's training file)."""
-    seen: dict[str, set[str]] = {"train": set(), "eval": set()}
-    for cfg in data_cfg.source_configs():
-        if cfg.train_files:
-            for role, patterns in (("train", cfg.train_files), ("eval", cfg.eval_files)):
-                for info in files.expand_files(patterns, f"data.{role}_files") if patterns else []:
-                    # Real paths: a symlink (or a second path) to a training file is that training file.
-                    seen[role].add(info.path if files.is_remote(info.path) else os.path.realpath(info.path))
-            continue
-        builder = tfds_builder(cfg.tfds_name, cfg.data_dir, cfg.manual_dir)
-        for s, a, b in _split_ranges(builder, cfg.train_split):
-            for t, c, d in _split_ranges(builder, cfg.eval_split):
-                if s == t and max(a, c) < min(b, d):
-                    raise DataError(
-                        f"eval split {cfg.eval_split!r} overlaps train split {cfg.train_split!r} "
-                        f"(examples {max(a, c)}..{min(b, d) - 1} of {s!r}); use disjoint slices, e.g. "
-                        "train_split='train[:95%]', eval_split='train[95%:]'."
-                    )
-    both = sorted(seen["train"] & seen["eval"])
-    if both:
-        raise DataError(
-            f"eval files are also training files: {both}; held-out data must not be trained on. Split the "
-            "data into separate files."
-        )
+    """Raise if any held-out data (a source's, or a data.eval_sets entry's) overlaps training data: the same
+    TFDS examples, or the same file (no held-out file may be any source's training file)."""
+    sources = data_cfg.source_configs()
+    train = {p for cfg in sources for p in _real_paths(cfg.train_files, "data.train_files")}
+    for cfg in (*sources, *data_cfg.eval_set_configs()):
+        named = f"data.eval_sets.{cfg.name}" if cfg.name in data_cfg.eval_sets else "eval files"
+        both = sorted(train & set(_real_paths(cfg.eval_files, _what(cfg, data_cfg, "eval"))))
+        if both:
+            raise DataError(
+                f"{named} are also training files: {both}; held-out data must not be trained on. Split the "
+                "data into separate files."
+            )
+        if not cfg.eval_files and not cfg.train_files:  # held-out data from a TFDS split
+            for trained in sources:
+                _check_splits_disjoint(trained, cfg, named)
+
+
+def _real_paths(patterns: str, what: str) -> list[str]:
+    # Real paths: a symlink (or a second path) to a training file is that training file.
+    return [info.path if files.is_remote(info.path) else os.path.realpath(info.path)
+            for info in (files.expand_files(patterns, what) if patterns else [])]
+
+
+def _check_splits_disjoint(trained: SourceConfig, held_out: SourceConfig, named: str) -> None:
+    """Raise if `held_out`'s TFDS eval split shares examples with `trained`'s train split (same dataset)."""
+    if trained.train_files or trained.tfds_name != held_out.tfds_name:
+        return
+    builder = tfds_builder(trained.tfds_name, trained.data_dir, trained.manual_dir)
+    for s, a, b in _split_ranges(builder, trained.train_split):
+        for t, c, d in _split_ranges(builder, held_out.eval_split):
+            if s == t and max(a, c) < min(b, d):
+                where = "eval split" if named == "eval files" else f"{named}.split"
+                raise DataError(
+                    f"{where} {held_out.eval_split!r} overlaps train split {trained.train_split!r} "
+                    f"(examples {max(a, c)}..{min(b, d) - 1} of {s!r}); use disjoint slices, e.g. "
+                    "train_split='train[:95%]', eval_split='train[95%:]'."
+                )
 
 
 def no_text(name: str) -> DataError:

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from llama_jax import checkpoint, distributed, sharding
-from llama_jax.data import DataConfig, eval_windows, source_documents, text_file_documents
+from llama_jax.data import DataConfig, eval_windows, held_out_documents, text_file_documents
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.inference.exact_match import ExactMatch
 from llama_jax.inference.load import inference_mesh, load_workdir, workdir_rules
@@ -42,17 +42,18 @@ _MAX_EXP_ARG = math.log(sys.float_info.max)
 
 def evaluate(
     eval_step, shard_batch, params, batches, num_bytes: int, *, progress: bool = False,
-    num_batches: int | None = None,
+    num_batches: int | None = None, desc: str = "eval",
 ) -> dict[str, float]:
     """Run `eval_step` over `batches` (this process's rows of every eval batch, in order).
 
     eval_step: (params, global batch) -> {"nll_sum", "tokens"}; shard_batch: local batch -> global batch;
     num_bytes: UTF-8 bytes of the text the scored targets encode. progress: a tqdm bar over the batches on
-    stderr (main process; in a log file a line a minute), with an ETA when `num_batches` is given.
+    stderr (main process; in a log file a line a minute) labelled `desc`, with an ETA when `num_batches` is
+    given.
     """
     # Per-batch sums stay on device until the end (no transfer per batch), then add up in float64 on the
     # host: an f32 running sum would lose token counts past 2**24 and bits of the loss on big splits.
-    bar = _progress_bar(num_batches) if progress and distributed.is_main_process() else None
+    bar = _progress_bar(num_batches, desc) if progress and distributed.is_main_process() else None
     per_batch = []
     for batch in batches:
         per_batch.append(eval_step(params, shard_batch(batch)))
@@ -81,8 +82,10 @@ def evaluate(
 
 
 def combine(results: dict[str, dict[str, float]], prefix: str = "eval/") -> dict[str, float]:
-    """Several held-out sets' results -> per-set keys (`eval/<name>/loss`, ...) and their total (`eval/loss`:
-    nats per token over all sets' tokens; bits/byte over all their bytes). One set: its keys unchanged."""
+    """Several held-out sets' results -> per-set keys (`eval/<name>/loss`, ...), their total (`eval/loss`:
+    nats per token over all sets' tokens; bits/byte over all their bytes) and their mean (`eval/mean/loss`,
+    `eval/mean/bits_per_byte`: each set counts once whatever its size, as Paloma averages its domains, so a
+    big set does not drown the small ones). One set: its keys unchanged."""
     if len(results) == 1:
         return dict(next(iter(results.values())))
     out, nll, tokens, nbytes = {}, 0.0, 0.0, 0.0
@@ -99,6 +102,8 @@ def combine(results: dict[str, dict[str, float]], prefix: str = "eval/") -> dict
         f"{prefix}tokens": tokens,
         f"{prefix}bytes": nbytes,
     })
+    for k in ("loss", "bits_per_byte"):
+        out[f"{prefix}mean/{k}"] = math.fsum(r[prefix + k] for r in results.values()) / len(results)
     return out
 
 
@@ -109,10 +114,10 @@ def response_metrics(result: dict[str, float], prefix: str = "") -> dict[str, fl
     return {f"{prefix}response_{k}": result[prefix + k] for k in ("loss", "perplexity", "bits_per_byte")}
 
 
-def _progress_bar(total: int | None) -> tqdm:
+def _progress_bar(total: int | None, desc: str) -> tqdm:
     # As the train loop's bar (hooks.Progress): every second on a terminal, once a minute in a log file.
     interval = 1.0 if sys.stderr.isatty() else 60.0
-    return tqdm(total=total, desc="eval", file=sys.stderr, dynamic_ncols=True, mininterval=interval)
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=interval)
 
 
 # ---------------------------------------------------------------------- scoring a model
@@ -142,9 +147,11 @@ def jit_eval_step(model_config: ModelConfig, mesh: Mesh, rules: sharding.RuleSet
 
 
 def perplexity(
-    params, model_config: ModelConfig, eval_data, *, mesh: Mesh, rules: sharding.RuleSet, progress: bool = False
+    params, model_config: ModelConfig, eval_data, *, mesh: Mesh, rules: sharding.RuleSet, progress: bool = False,
+    desc: str = "eval",
 ) -> dict:
-    """Score `eval_data` (a data.EvalData) with params placed on `mesh`; `progress`: a bar over the batches.
+    """Score `eval_data` (a data.EvalData) with params placed on `mesh`; `progress`: a bar over the batches,
+    labelled `desc`.
 
     Returns {"loss" (nats per scored token), "perplexity", "bits_per_byte", "tokens", "bytes"}.
     """
@@ -160,6 +167,7 @@ def perplexity(
         eval_data.num_bytes,
         progress=progress,
         num_batches=eval_data.num_batches,
+        desc=desc,
     )
     out = {k.removeprefix("eval/"): v for k, v in result.items()}
     # The exact host-side counts (evaluate's are f32 sums, exact only up to 2**24).
@@ -172,11 +180,13 @@ DEFAULT_MAX_SEQ_LEN = 2048  # the window when neither --seq_len nor the workdir'
 
 
 def workdir_data_config(
-    experiment: dict, tokenizer, overrides: dict | None = None, split: str | None = None
+    experiment: dict, tokenizer, overrides: dict | None = None, split: str | None = None,
+    set_files: dict[str, str] | None = None,
 ) -> DataConfig:
     """The data config to evaluate on: the workdir's config.data <- `overrides` (flat "FIELD" or
-    "data.FIELD" keys) <- `split` (the TFDS eval_split). An imported workdir has no data config; it gets
-    DataConfig's defaults, with BOS/EOS only where its tokenizer has them."""
+    "data.FIELD" keys) <- `split` (the TFDS eval_split) <- `set_files` ({name: globs}, more held-out sets,
+    as data.eval_sets entries). An imported workdir has no data config; it gets DataConfig's defaults, with
+    BOS/EOS only where its tokenizer has them."""
     if "data" in experiment:
         d = dict(experiment["data"])
     else:
@@ -189,6 +199,8 @@ def workdir_data_config(
                 "use a text file or data.eval_files instead."
             )
         d["eval_split"] = split
+    if set_files:
+        d["eval_sets"] = {**d.get("eval_sets", {}), **{name: {"files": g} for name, g in set_files.items()}}
     return DataConfig.from_dict(d)
 
 
@@ -198,6 +210,8 @@ def evaluate_workdir(
     text_file: str | None = None,
     split: str | None = None,
     data_overrides: dict | None = None,
+    sets: list[str] | None = None,
+    set_files: dict[str, str] | None = None,
     seq_len: int = 0,
     stride: int = 0,
     batch_size: int = 0,
@@ -206,16 +220,20 @@ def evaluate_workdir(
 ) -> dict:
     """Loss, perplexity and bits/byte of a workdir's model (what `experiments.eval_ppl` prints).
 
-    Data: `text_file` (one document), else the held-out split of the workdir's config.data (with
-    `data_overrides` and `split` applied; see workdir_data_config). seq_len 0: the workdir's seq_len, else
+    Data: `text_file` (one document), else every held-out set of the workdir's config.data (each source's
+    and each data.eval_sets entry; with `data_overrides` and `split` applied, see workdir_data_config), plus
+    `set_files` ({name: globs}), or only the sets `sets` names. seq_len 0: the workdir's seq_len, else
     min(max_seq_len, 2048). batch_size 0: the workdir's eval batch size (else one row per batch shard),
     rounded up to a multiple of the mesh's data*fsdp. mesh: default all devices, data parallel. Shows a
     progress bar over the eval batches on stderr (main process).
+
+    Several sets: the result holds their total (see `combine`), eval_ppl's flat `NAME/loss`... keys and
+    `mean/loss`, `mean/bits_per_byte`, and "sets": {name: {"data", "documents", "loss", ...}}.
     """
     docs = text_file_documents(text_file) if text_file else None  # a missing file fails before any loading
     mesh = inference_mesh(data=-1) if mesh is None else mesh
     model_config, params, tokenizer, experiment = load_workdir(workdir_path, mesh, step=step)
-    d = workdir_data_config(experiment, tokenizer, data_overrides, split)
+    d = workdir_data_config(experiment, tokenizer, data_overrides, split, set_files)
     defaulted = not seq_len and not experiment.get("seq_len")  # an imported workdir: nothing to go by
     seq_len = seq_len or int(experiment.get("seq_len", 0)) or min(model_config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     if seq_len > model_config.max_seq_len:
@@ -229,18 +247,20 @@ def evaluate_workdir(
         log.warning("%s records no training seq_len (an imported checkpoint): scoring windows of seq_len=%d "
                     "(min(max_seq_len, %d)) in batches of %d; pass --seq_len=N to compare with an evaluation "
                     "at another length.", workdir_path, seq_len, DEFAULT_MAX_SEQ_LEN, batch_size)
-    sets = {"text_file": docs} if docs is not None else source_documents(d, "eval")
+    named = {"text_file": docs} if docs is not None else held_out_documents(d, sets)
     results, names = {}, {}
-    for name, set_docs in sets.items():
+    for name, set_docs in named.items():
         eval_data = eval_windows(set_docs, tokenizer, d, seq_len=seq_len, batch_size=batch_size, stride=stride)
         # A long text takes minutes: show a bar (the train loop's eval hook does not; it has its own bar).
-        r = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment), progress=True)
+        r = perplexity(params, model_config, eval_data, mesh=mesh, rules=workdir_rules(experiment), progress=True,
+                       desc="eval" if len(named) == 1 else f"eval {name}")
         results[name] = {f"eval/{k}": v for k, v in r.items()}
         names[name] = set_docs.name
     result = {k.removeprefix("eval/"): v for k, v in combine(results).items()}
-    if len(results) > 1:  # several held-out sets (one per source): each, and their total above
-        result["sets"] = {n: {"data": names[n], **{k.removeprefix("eval/"): v for k, v in r.items()}}
-                          for n, r in results.items()}
+    result["documents"] = sum(len(docs) for docs in named.values())
+    if len(results) > 1:  # several held-out sets: each, and their total and mean above
+        result["sets"] = {n: {"data": names[n], "documents": len(named[n]),
+                              **{k.removeprefix("eval/"): v for k, v in r.items()}} for n, r in results.items()}
     if d.format == "sft" and d.loss_on == "responses" and not text_file:
         result.update(response_metrics(result))  # only held-out responses were scored: say so by name
     if d.exact_match_records and not text_file:
