@@ -211,3 +211,18 @@ def test_moving_the_data_is_not_a_config_change(tmp_path):
                                                                 "tfds_name": "other"}}}}
     with pytest.raises(errors.ConfigMismatchError, match="data.sources.web.tfds_name"):
         checkpoint.check_resume_config(tmp_path, other)
+
+
+def test_moving_a_held_out_set_is_not_a_config_change(tmp_path):
+    """data.eval_sets entries follow the same rule: their data_dir / manual_dir say where, their split or
+    files say which text is scored."""
+    cfg = base_config("tiny")
+    cfg.data.eval_sets = {"test": {"split": "test"}}
+    new = Experiment.from_config(cfg).to_dict()
+    checkpoint.write_config(tmp_path, new)
+    moved = {**new, "data": {**new["data"], "eval_sets": {"test": {"split": "test", "manual_dir": "/m",
+                                                                   "data_dir": "gs://b/tfds"}}}}
+    checkpoint.check_resume_config(tmp_path, moved)
+    other = {**new, "data": {**new["data"], "eval_sets": {"test": {"split": "validation"}}}}
+    with pytest.raises(errors.ConfigMismatchError, match="data.eval_sets.test.split: 'test' -> 'validation'"):
+        checkpoint.check_resume_config(tmp_path, other)
