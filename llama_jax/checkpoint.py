@@ -457,9 +457,9 @@ RUN_CONTROL_FIELDS = frozenset(
 )
 
 
-# Where the data is found, not which data (in config.data, a data.sources entry or a data.eval_sets entry;
-# `_where_not_what` matches the last part of the field's name): a run moved to other machines, or resumed offline from a TFDS
-# manual dir, reads the same text (the data state's fingerprint checks that, by content, not by path).
+# Where the data is found, not which data (in config.data, a data.sources entry or a data.eval_sets entry:
+# `_where_not_what` matches a field name's last part): a run moved to other machines, or resumed offline
+# from a TFDS manual dir, reads the same text (the data state's fingerprint checks that, by content).
 DATA_LOCATION_FIELDS = frozenset({"data_dir", "manual_dir", "cache_dir"})
 
 
