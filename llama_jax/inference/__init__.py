@@ -9,6 +9,7 @@ from llama_jax.inference.load import (
     workdir_rules,
 )
 from llama_jax.inference.perplexity import (
+    combine,
     evaluate,
     evaluate_workdir,
     jit_eval_step,
@@ -31,6 +32,7 @@ __all__ = [
     "chat_reply",
     "chat_stops",
     "check_messages",
+    "combine",
     "encode_chat_prompt",
     "evaluate",
     "evaluate_workdir",

@@ -228,8 +228,9 @@ class Checkpoint(Hook):
 
 # ---------------------------------------------------------------------- evaluation
 class Evaluate(Hook):
-    """Held-out loss, perplexity and bits/byte every `every` steps and at the end; with `responses_only`
-    (SFT, loss_on="responses": only response tokens are scored) also as eval/response_*, and with
+    """Held-out loss, perplexity and bits/byte of every held-out set (the sources' and data.eval_sets; with
+    several, also their total and mean: inference.combine) every `every` steps and at the end; with
+    `responses_only` (SFT, loss_on="responses": only response tokens are scored) also as eval/response_*, and with
     `exact_match` (data.exact_match_records) eval/exact_match of greedy answers (inference/exact_match.py)."""
 
     pauses_clock = True
@@ -247,7 +248,7 @@ class Evaluate(Hook):
             rows = program.process_batch_slice(ev.batch_size)
             results[name] = evaluate(program.eval_step, program.shard_batch, params, ev.batches(rows=rows),
                                      ev.num_bytes)
-        result = combine(results)  # several sets: eval/<set>/... and the total as eval/...
+        result = combine(results)  # several sets: eval/<set>/..., the total as eval/... and eval/mean/...
         if self.responses_only:
             result.update(response_metrics(result, "eval/"))
         if self.exact_match is not None:
@@ -260,7 +261,8 @@ class Evaluate(Hook):
         message = (f"step {run.done}: eval loss{scored} {result['eval/loss']:.4f}, bits/byte "
                    f"{result['eval/bits_per_byte']:.4f}")
         if len(results) > 1:
-            message += " (" + ", ".join(f"{n} {result[f'eval/{n}/loss']:.4f}" for n in results) + ")"
+            message += (" (" + ", ".join(f"{n} {result[f'eval/{n}/loss']:.4f}" for n in results)
+                        + f"; mean bits/byte {result['eval/mean/bits_per_byte']:.4f})")
         if "eval/exact_match" in result:
             message += f", exact match {result['eval/exact_match']:.3f} of {int(result['eval/exact_match_records'])}"
         if log.isEnabledFor(logging.INFO):

@@ -165,6 +165,32 @@ def test_each_token_is_scored_with_exactly_its_window_context(params, sharded_pa
     assert got["loss"] == pytest.approx(nll.mean(), rel=1e-5)
 
 
+def test_several_sets_keep_each_sets_numbers_with_their_total_and_mean(sharded_params, mesh, rules):
+    """combine: each set's keys are its own result, the total is weighted by tokens (bytes for bits/byte),
+    the mean counts each set once; a single set keeps today's keys (no eval/mean/*)."""
+    texts = {"short": [TEXT], "long": ["The quick brown fox jumps over the lazy dog. " * 6, "ünï"]}
+    results = {}
+    for name, docs in texts.items():
+        ev = data.eval_windows(data.Documents.from_texts(docs), ByteTokenizer(), seq_len=32, batch_size=8)
+        r = inference.perplexity(sharded_params, CFG, ev, mesh=mesh, rules=rules)
+        results[name] = {f"eval/{k}": v for k, v in r.items()}
+    assert results["short"]["eval/loss"] != pytest.approx(results["long"]["eval/loss"], rel=1e-2)
+    got = inference.combine(results)
+    for name, r in results.items():
+        for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes"):
+            assert got[f"eval/{name}/{k}"] == r[f"eval/{k}"]
+    short, long = results["short"], results["long"]
+    nll = short["eval/loss"] * short["eval/tokens"] + long["eval/loss"] * long["eval/tokens"]
+    assert got["eval/loss"] == pytest.approx(nll / (short["eval/tokens"] + long["eval/tokens"]), rel=1e-12)
+    assert got["eval/bits_per_byte"] == pytest.approx(nll / (short["eval/bytes"] + long["eval/bytes"]) / math.log(2),
+                                                      rel=1e-12)
+    assert got["eval/mean/loss"] == pytest.approx((short["eval/loss"] + long["eval/loss"]) / 2, rel=1e-12)
+    assert got["eval/mean/bits_per_byte"] == pytest.approx(
+        (short["eval/bits_per_byte"] + long["eval/bits_per_byte"]) / 2, rel=1e-12)
+    assert got["eval/mean/loss"] != pytest.approx(got["eval/loss"], rel=1e-3)  # sizes differ: mean != total
+    assert inference.combine({"short": short}) == short  # one set: its keys, unchanged
+
+
 # ---------------------------------------------------------------------- workdirs
 def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
     hf_workdir = hf_tiny_workdir  # conftest: the tiny preset, random weights, a 300-id BPE tokenizer.json

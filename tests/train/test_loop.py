@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llama_jax import checkpoint, errors, lock
+from llama_jax import checkpoint, errors, inference, lock
 from llama_jax.experiment import Experiment
 from llama_jax.train import Hook, peak_flops, read_metrics, summarize, train
 from tests.helpers import load_config
@@ -246,3 +246,37 @@ def test_mfu_on_a_busy_cpu_says_it_reads_high(monkeypatch, caplog):
     assert "under load" in source and "train/mfu will read high" in caplog.text
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert "under load" not in peak_flops()[1]
+
+
+@pytest.mark.slow
+def test_named_held_out_sets_are_logged_each_as_if_scored_alone(local_data, tmp_path):
+    """data.eval_sets: every evaluation logs eval/<set>/* for the source's held-out file and each named set,
+    their token-weighted total as eval/* and their unweighted mean as eval/mean/*, in metrics.jsonl and
+    TensorBoard; a set's numbers are those of scoring it alone (eval_ppl --sets=NAME)."""
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    (sets / "code.py").write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 20, encoding="utf-8")
+    with open(sets / "prose.jsonl", "w", encoding="utf-8") as f:
+        for i in range(5):
+            f.write(json.dumps({"text": f"Paragraph {i}: the held-out prose of a named set, ünïcödé. " * 3}) + "\n")
+    c = tiny(local_data, num_steps=4, log_every=2, eval_every=2, checkpoint_every=0)
+    c.data.eval_sets = {"code": {"files": str(sets / "*.py")}, "prose": {"files": str(sets / "prose.jsonl")}}
+    run = tmp_path / "run"
+    train(Experiment.from_config(c), run)
+    evals = [r for r in read_metrics(run) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    last, names = evals[-1], ("files", "code", "prose")
+    for key in ("loss", "bits_per_byte"):
+        per_set = [last[f"eval/{n}/{key}"] for n in names]
+        assert last[f"eval/mean/{key}"] == pytest.approx(sum(per_set) / 3, rel=1e-12)
+    nll = sum(last[f"eval/{n}/loss"] * last[f"eval/{n}/tokens"] for n in names)
+    assert last["eval/loss"] == pytest.approx(nll / sum(last[f"eval/{n}/tokens"] for n in names), rel=1e-9)
+    prose_bytes = sum(len(json.loads(line)["text"].encode()) for line in open(sets / "prose.jsonl", encoding="utf-8"))
+    assert last["eval/prose/bytes"] == prose_bytes
+    alone = inference.evaluate_workdir(run, sets=["prose"])  # the set scored by itself, as eval_ppl does
+    assert (alone["tokens"], alone["bytes"], alone["documents"]) == (last["eval/prose/tokens"], prose_bytes, 5)
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert alone[key] == pytest.approx(last[f"eval/prose/{key}"], rel=1e-5), key
+    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("*tfevents*"))
+    for tag in ("eval/code/loss", "eval/prose/bits_per_byte", "eval/mean/loss", "eval/mean/bits_per_byte"):
+        assert tag.encode() in events, tag
