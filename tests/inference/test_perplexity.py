@@ -20,7 +20,7 @@ from scipy.special import log_softmax
 
 from llama_jax import checkpoint, data, inference
 from llama_jax.data import ByteTokenizer, DataConfig, load_tokenizer
-from llama_jax.errors import CheckpointError, DataError, TokenizerError
+from llama_jax.errors import CheckpointError, ConfigError, DataError, TokenizerError
 from llama_jax.model import Llama, init_params, param_shapes, preset
 from llama_jax.train import MetricWriter, read_metrics
 from tests.helpers import run_module
@@ -247,6 +247,53 @@ def test_eval_ppl_cli(trained_tiny_workdir, tmp_path):
     expected = inference.evaluate_workdir(trained_tiny_workdir, text_file=str(f), stride=16)
     for key in ("loss", "perplexity", "bits_per_byte"):
         assert result[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_eval_ppl_scores_several_sets_in_one_table(trained_tiny_workdir, tmp_path):
+    """--set_files adds held-out sets to the workdir's own, --sets picks some; stderr has one table (a row per
+    set, their mean and total) and a bar per set, stdout the JSON line; each row is that set scored alone."""
+    (tmp_path / "a.txt").write_text(TEXT * 3, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("Some other held-out text.\n" * 5, encoding="utf-8")
+    (tmp_path / "c.txt").write_text("ROMEO: a third file.\n", encoding="utf-8")
+    r = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", f"--set_files=text={tmp_path}/a.txt",
+                   f"--set_files=more={tmp_path}/b.txt,{tmp_path}/c.txt", timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert list(result["sets"]) == ["files", "more", "text"]  # the workdir's own held-out file, then the sets
+    assert result["sets"]["more"]["documents"] == 2 and result["documents"] == 4
+    alone = inference.evaluate_workdir(trained_tiny_workdir, text_file=str(tmp_path / "a.txt"))
+    for key in ("loss", "bits_per_byte", "tokens", "bytes"):
+        assert result["sets"]["text"][key] == pytest.approx(alone[key], rel=1e-5), key
+    losses = [s["loss"] for s in result["sets"].values()]
+    assert result["mean/loss"] == pytest.approx(sum(losses) / 3, rel=1e-9)
+    lines = r.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("set "))
+    table = [line.split() for line in lines[start:start + 6]]
+    assert table[0] == ["set", "documents", "tokens", "bytes", "nats/token", "perplexity", "bits/byte"]
+    assert [row[0] for row in table[1:]] == ["files", "more", "text", "mean", "total"]
+    more = result["sets"]["more"]
+    assert table[2][1:] == ["2", str(more["tokens"]), str(more["bytes"]), f"{more['loss']:.4f}",
+                            f"{more['perplexity']:.3f}", f"{more['bits_per_byte']:.4f}"]
+    assert table[4][1:] == [f"{result['mean/loss']:.4f}", f"{result['mean/bits_per_byte']:.4f}"]
+    assert re.search(r"eval more: 100%", r.stderr) and re.search(r"eval text: 100%", r.stderr)
+
+    only = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", "--sets=text",
+                      f"--set_files=text={tmp_path}/a.txt", timeout=300)
+    assert only.returncode == 0, only.stderr
+    one = json.loads(only.stdout.strip().splitlines()[-1])
+    assert "sets" not in one and one["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    bad = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", "--sets=wiki", timeout=300)
+    assert bad.returncode != 0 and "no held-out set named ['wiki']; this config has ['files']" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bad_set_files_is_one_clear_error(trained_tiny_workdir, tmp_path):
+    r = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", f"--set_files={tmp_path}/a.txt",
+                   timeout=300)
+    assert r.returncode != 0 and "is not NAME=GLOBS; write e.g. --set_files='wiki=" in r.stderr
+    with pytest.raises(ConfigError, match="'files' is already a source's name"):
+        inference.evaluate_workdir(trained_tiny_workdir, set_files={"files": str(tmp_path / "a.txt")})
 
 
 # ---------------------------------------------------------------------- errors
