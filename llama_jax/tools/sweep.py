@@ -5,7 +5,9 @@
 is 2 x 2 variants x 2 seeds = 8 runs, each an ordinary `experiments.train` command with its own workdir
 (WORKDIR/<variant>/seed<k>), so a sweep is resumable run by run and every run can be inspected alone.
 The report is a markdown table of final held-out loss and bits-per-byte (mean ± std over seeds) and a PNG
-of eval loss against step for every variant.
+of eval loss against step for every variant. `rank_by` ranks the variants by any metric of metrics.jsonl
+(each run's last logged value: `eval/wiki/bits_per_byte`, `eval/mean/bits_per_byte`, `lm_eval/tiny_mc/acc`),
+best first by its mean over seeds; see `parse_rank_by` for which way is better.
 """
 
 from __future__ import annotations
@@ -77,25 +79,46 @@ def run_local(argvs: Sequence[Sequence[str]]) -> None:
         subprocess.run(argv, check=True)
 
 
+# A metric whose name (its last part, without an lm-eval ",filter" suffix) matches this is better lower
+# (losses, perplexities, bits per byte, error rates); any other (accuracy, exact match, F1, ...) higher.
+LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|bits_per_byte|bpb|nll|error")
+
+
+def parse_rank_by(spec: str) -> tuple[str, bool]:
+    """'KEY' -> (KEY, higher_is_better) by LOWER_IS_BETTER; '+KEY' says higher is better, '-KEY' lower."""
+    spec = spec.strip()
+    key = spec[1:] if spec[:1] in "+-" else spec
+    if not key:
+        raise SweepError(f"--rank_by={spec!r} names no metric; give a metrics.jsonl key, e.g. "
+                         "--rank_by=eval/mean/bits_per_byte or --rank_by=+lm_eval/tiny_mc/acc.")
+    if spec[:1] in "+-":
+        return key, spec[0] == "+"
+    return key, not LOWER_IS_BETTER.search(key.rsplit("/", 1)[-1].split(",")[0])
+
+
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def collect(workdir: str, variants: Sequence[dict[str, str]], seeds: Sequence[int]) -> list[dict]:
-    """Per variant: final eval loss / bits-per-byte per seed, and the eval curves."""
+def collect(workdir: str, variants: Sequence[dict[str, str]], seeds: Sequence[int], rank_by: str = "") -> list[dict]:
+    """Per variant: final eval loss / bits-per-byte per seed, the eval curves, and with `rank_by` (a metric
+    key) its last value per seed as "rank_metric" (mean, std)."""
     rows = []
     for overrides in variants:
-        finals, curves = [], []
+        finals, curves, ranked = [], [], []
         for seed in seeds:
             path = run_dir(workdir, overrides, seed)
             if not os.path.exists(os.path.join(path, "metrics.jsonl")):
                 raise SweepError(f"{path}/metrics.jsonl is missing: that run has not finished. Run the sweep again.")
-            evals = [r for r in read_metrics(path) if "eval/loss" in r]
+            metrics = read_metrics(path)
+            evals = [r for r in metrics if "eval/loss" in r]
             if not evals:
                 raise SweepError(f"{path} logged no evaluation; set config.eval_every > 0.")
             finals.append(evals[-1])
             curves.append([(r["step"], r["eval/loss"]) for r in evals])
+            if rank_by:
+                ranked.append(_last_value(metrics, rank_by, path))
         rows.append({
             "variant": variant_name(overrides),
             "overrides": overrides,
@@ -104,25 +127,55 @@ def collect(workdir: str, variants: Sequence[dict[str, str]], seeds: Sequence[in
             "step": finals[0]["step"],
             "seeds": len(seeds),
             "curves": curves,
+            **({"rank_metric": _mean_std(ranked)} if rank_by else {}),
         })
     return rows
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
+def _last_value(metrics: list[dict], key: str, path: str) -> float:
+    """The last value of `key` a run logged (a non-finite one, written as null, is nan)."""
+    values = [r[key] for r in metrics if key in r]
+    if not values:
+        keys = sorted({k for r in metrics for k in r if k.startswith(("eval/", "lm_eval/"))})
+        raise SweepError(f"{path}/metrics.jsonl has no {key!r} (--rank_by); it has {keys}.")
+    return math.nan if values[-1] is None else float(values[-1])
+
+
+def ranked(rows: Sequence[dict], higher_is_better: bool) -> list[dict]:
+    """`rows` best first by their rank_metric mean over seeds; a nan (a diverged seed) ranks last."""
+    def order(r):
+        m = r["rank_metric"][0]
+        return (math.isnan(m), -m if higher_is_better else m)
+
+    return sorted(rows, key=order)
+
+
+def markdown_table(rows: Sequence[dict], rank_by: str = "") -> str:
+    """The grid's rows in order, best bits/byte in bold; with `rank_by`, ranked best first by that metric
+    (mean ± std over seeds, in bold for the best), with the direction in the header."""
     fields = list(rows[0]["overrides"]) if rows else []
-    head = "| " + " | ".join(fields + ["step", "seeds", "eval loss (nats/token)", "bits/byte"]) + " |"
-    sep = "|" + "---|" * (len(fields) + 4)
-    lines = [head, sep]
+    extra = []
+    if rank_by:
+        key, higher = parse_rank_by(rank_by)
+        rows = ranked(rows, higher)
+        extra = [f"{key} ({'higher' if higher else 'lower'} is better)"]
+    head = ["rank"] * bool(rank_by) + fields + ["step", "seeds", "eval loss (nats/token)", "bits/byte"] + extra
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = min(r["bits_per_byte"][0] for r in rows) if rows else None
-    for r in rows:
-        bpb = f"{r['bits_per_byte'][0]:.4f} ± {r['bits_per_byte'][1]:.4f}"
-        if r["bits_per_byte"][0] == best:
-            bpb = f"**{bpb}**"
+    for i, r in enumerate(rows):
+        bpb = _cell(r["bits_per_byte"], bold=not rank_by and r["bits_per_byte"][0] == best)
         cells = [r["overrides"][f] for f in fields] + [
-            str(r["step"]), str(r["seeds"]), f"{r['loss'][0]:.4f} ± {r['loss'][1]:.4f}", bpb
+            str(r["step"]), str(r["seeds"]), _cell(r["loss"]), bpb
         ]
+        if rank_by:
+            cells = [str(i + 1), *cells, _cell(r["rank_metric"], bold=i == 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(mean_std: tuple[float, float], bold: bool = False) -> str:
+    text = f"{mean_std[0]:.4f} ± {mean_std[1]:.4f}"
+    return f"**{text}**" if bold else text
 
 
 def plot(rows: Sequence[dict], path: str) -> None:
@@ -146,11 +199,13 @@ def plot(rows: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
-def report(workdir: str, variants: Sequence[dict[str, str]], seeds: Sequence[int]) -> tuple[str, str]:
-    """Write WORKDIR/sweep.md and WORKDIR/sweep.png; returns their paths."""
-    rows = collect(workdir, variants, seeds)
+def report(workdir: str, variants: Sequence[dict[str, str]], seeds: Sequence[int], rank_by: str = "") -> tuple[str, str]:
+    """Write WORKDIR/sweep.md (ranked by the metric `rank_by` names, if any) and WORKDIR/sweep.png; returns
+    their paths."""
+    key = parse_rank_by(rank_by)[0] if rank_by else ""  # a bad spec fails before any run is read
+    rows = collect(workdir, variants, seeds, key)
     md, png = os.path.join(workdir, "sweep.md"), os.path.join(workdir, "sweep.png")
     with open(md, "w") as f:
-        f.write(markdown_table(rows))
+        f.write(markdown_table(rows, rank_by))
     plot(rows, png)
     return md, png
