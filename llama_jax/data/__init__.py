@@ -60,7 +60,9 @@ Multi-host: process p reads only rows [p*b, (p+1)*b) of the global batch (b = ba
   assembles the jax.Arrays.
 
 Held-out eval (eval_data.py): each source's held-out data (`eval_sets`, by source name; a files source in a
-  mixture may have none), its rows in order, once, no shuffling; the last batch is padded with empty rows
+  mixture may have none), then each set `data.eval_sets` names (files or a TFDS split, never trained on:
+  `check_no_leak` refuses one that shares a file or TFDS examples with the training data), each read as a
+  source's held-out data is; its rows in order, once, no shuffling; the last batch is padded with empty rows
   (loss_mask 0). Scored targets are every target except BOS tokens (a BOS follows an EOS by construction,
   so it carries no information). Bytes for bits-per-byte: each document's UTF-8 byte count is put on its
   last token (its EOS with add_eos) and `target_bytes` is that weight at scored targets, so summing

@@ -159,7 +159,8 @@ class DataConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig(Section):
-    """One source of training text (and its held-out data), built by DataConfig.source_configs()."""
+    """One source of training text (and its held-out data), built by DataConfig.source_configs(); or a
+    held-out set of data.eval_sets (only eval_files or eval_split, weight 0), by eval_set_configs()."""
 
     SECTION = "data.sources"
 
