@@ -52,20 +52,20 @@ def main(argv):
         tokenizer = load_tokenizer(data.tokenizer)
     check_no_leak(data)
     t0, built = time.perf_counter(), {}
-    for cfg in data.source_configs():
-        roles = ["train"] + ([] if data.sources and cfg.train_files and not cfg.eval_files else ["eval"])
-        for role in roles:
-            source = source_for_role(cfg, data, role)
-            cache = Cache(cache_root(data.cache_dir, cfg.name, role), source, tokenizer, add_bos=data.add_bos,
-                          add_eos=data.add_eos)
-            mine = cache.build(_WORKER.value, _NUM_WORKERS.value)
-            done = cache.done()
-            built[f"{cfg.name}/{role}"] = {
-                "built": len(mine), "shards": len(done), "complete": sum(d is not None for d in done),
-                "tokens": sum(d["tokens"] for d in done if d is not None), "root": cache.root,
-            }
-            print(f"{cfg.name}/{role}: built {len(mine)} shard(s) now; {built[f'{cfg.name}/{role}']['complete']} of "
-                  f"{len(done)} complete in {cache.root}", flush=True)
+    # Each source's training text, then every held-out set (the sources' and data.eval_sets').
+    jobs = [(cfg, "train") for cfg in data.source_configs()] + [(cfg, "eval") for cfg in data.held_out_configs()]
+    for cfg, role in jobs:
+        source = source_for_role(cfg, data, role)
+        cache = Cache(cache_root(data.cache_dir, cfg.name, role), source, tokenizer, add_bos=data.add_bos,
+                      add_eos=data.add_eos)
+        mine = cache.build(_WORKER.value, _NUM_WORKERS.value)
+        done = cache.done()
+        built[f"{cfg.name}/{role}"] = {
+            "built": len(mine), "shards": len(done), "complete": sum(d is not None for d in done),
+            "tokens": sum(d["tokens"] for d in done if d is not None), "root": cache.root,
+        }
+        print(f"{cfg.name}/{role}: built {len(mine)} shard(s) now; {built[f'{cfg.name}/{role}']['complete']} of "
+              f"{len(done)} complete in {cache.root}", flush=True)
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "worker": _WORKER.value,
                       "num_workers": _NUM_WORKERS.value, "caches": built}), flush=True)
 

@@ -114,3 +114,17 @@ def test_a_set_inherits_where_and_how_to_read_from_the_section():
     assert (test.tfds_name, test.eval_split, test.data_dir, test.manual_dir, test.text_key) == (
         "tiny_shakespeare", "test", "/tfds", "/manual", "content")
     assert (web.eval_files, web.text_key, web.train_files, web.train_split, web.weight) == ("w/*.jsonl", "t", "", "", 0)
+
+
+def test_a_set_is_read_through_the_token_cache(files):
+    """With data.cache_dir a set is tokenized once into CACHE/NAME/eval and scores the same rows."""
+    cache = files / "cache"
+    cached = data.eval_sets(config(files, cache_dir=str(cache)), data.ByteTokenizer(), seq_len=16, batch_size=4)
+    plain = data.eval_sets(config(files), data.ByteTokenizer(), seq_len=16, batch_size=4)
+    assert sorted(p.name for p in cache.iterdir()) == ["code", "files", "prose"]
+    assert (cache / "prose" / "eval").is_dir() and not (cache / "prose" / "train").exists()
+    for name, ev in plain.items():
+        assert (cached[name].num_tokens, cached[name].num_bytes) == (ev.num_tokens, ev.num_bytes)
+        for a, b in zip(cached[name].batches(0, 1), ev.batches(0, 1), strict=True):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
