@@ -57,8 +57,8 @@ _CONFIG = config_flags.DEFINE_config_dict(
     "fields not given come from the workdir's config.json.",
 )
 _SETS = flags.DEFINE_list(
-    "sets", None, "Score only these held-out sets (names of the workdir's sources and data.eval_sets, and "
-    "--set_files names); default: all of them."
+    "sets", None, "Score only these of the workdir's held-out sets (its sources' and data.eval_sets names); "
+    "--set_files sets are scored too. Default: all of them."
 )
 _SET_FILES = flags.DEFINE_multi_string(
     "set_files", [], "NAME=GLOBS: another held-out set, from local or gs:// files (comma-separated globs, the "

@@ -247,6 +247,8 @@ def evaluate_workdir(
         log.warning("%s records no training seq_len (an imported checkpoint): scoring windows of seq_len=%d "
                     "(min(max_seq_len, %d)) in batches of %d; pass --seq_len=N to compare with an evaluation "
                     "at another length.", workdir_path, seq_len, DEFAULT_MAX_SEQ_LEN, batch_size)
+    if sets:  # the named sets, and the ad-hoc ones given beside them
+        sets = [*sets, *(n for n in set_files or {} if n not in sets)]
     named = {"text_file": docs} if docs is not None else held_out_documents(d, sets)
     results, names = {}, {}
     for name, set_docs in named.items():

@@ -283,6 +283,8 @@ def test_eval_ppl_scores_several_sets_in_one_table(trained_tiny_workdir, tmp_pat
     assert only.returncode == 0, only.stderr
     one = json.loads(only.stdout.strip().splitlines()[-1])
     assert "sets" not in one and one["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    picked = inference.evaluate_workdir(trained_tiny_workdir, sets=["files"], set_files={"more": f"{tmp_path}/c.txt"})
+    assert list(picked["sets"]) == ["files", "more"]  # --sets picks among the workdir's; --set_files ones join
     bad = run_module("experiments.eval_ppl", f"--workdir={trained_tiny_workdir}", "--sets=wiki", timeout=300)
     assert bad.returncode != 0 and "no held-out set named ['wiki']; this config has ['files']" in bad.stderr
 
