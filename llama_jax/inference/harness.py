@@ -67,16 +67,17 @@ _SCORE_KEYS = ("inputs", "targets", "positions", "segment_ids")
 
 # ---------------------------------------------------------------------- packing
 def pack(lengths: Sequence[int], row_len: int) -> list[tuple[int, int]]:
-    """(row, column) of each piece of `lengths` (each <= row_len) packed into rows of `row_len`: pieces sorted
-    by length fill rows one after another (next fit), so similar lengths share rows and rows stay full."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
+    """(row, column) of each piece of `lengths` (each <= row_len) packed into rows of `row_len`: first fit
+    decreasing (longest first, each into the first row with room), within 22% of the fewest rows possible."""
+    free = np.zeros(0, np.int64)  # [rows]: room left in each row
     out: list[tuple[int, int]] = [(0, 0)] * len(lengths)
-    row, col = 0, 0
-    for i in order.tolist():
-        if col + lengths[i] > row_len:
-            row, col = row + 1, 0
-        out[i] = (row, col)
-        col += lengths[i]
+    for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
+        fits = np.flatnonzero(free >= lengths[i])
+        row = int(fits[0]) if len(fits) else len(free)
+        if row == len(free):
+            free = np.append(free, row_len)
+        out[i] = (row, row_len - int(free[row]))
+        free[row] -= lengths[i]
     return out
 
 
