@@ -3,7 +3,6 @@ lm-evaluation-harness tasks (HarnessLM, run_tasks, metrics_of: imported on first
 optional extra, is needed only by whoever uses them)."""
 
 from llama_jax import _lazy
-
 from llama_jax.inference.load import (
     inference_mesh,
     load_chat_template,
