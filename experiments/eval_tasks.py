@@ -29,7 +29,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to evaluate (from train
 _TASKS = flags.DEFINE_list("tasks", None, "lm_eval task names, comma-separated.", required=True)
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per prompt (default: the task's).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Documents per task (default: all).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Packed rows per step (rounded up to the mesh's batch shards).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Tokens per scoring step, in rows of max_length "
+                                  "(loglikelihood packs shorter rows: more of them).")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Row length and context limit in tokens (default: "
                                    "min(max_seq_len, 2048)); longer contexts are left-truncated.")
 _TASK_DATA_DIR = flags.DEFINE_string("task_data_dir", None, "Directory the *_local tasks read their files from.")

@@ -4,10 +4,11 @@
     results = run_tasks(lm, ["llama_jax_tiny_mc"], num_fewshot=0)   # process 0: lm_eval's results dict
 
 All three request types run on the sharded params:
-  loglikelihood          (context, continuation) token pairs packed into fixed [batch, max_length] rows with
-                         segment ids (several requests per row, attention never crosses them, padding is
-                         never scored), so one compiled step serves a whole task; only continuation tokens
-                         are scored. A context too long for max_length is left-truncated as lm_eval's `hf`
+  loglikelihood          (context, continuation) token pairs packed into fixed-shape rows with segment ids
+                         (several requests per row, attention never crosses them, padding is never
+                         scored), so one compiled step serves a whole task; only continuation tokens are
+                         scored. Rows are the smallest power of two (>= MIN_ROW) that holds the longest
+                         request, and a step holds batch_size * max_length tokens. A context too long for max_length is left-truncated as lm_eval's `hf`
                          backend does.
   loglikelihood_rolling  the perplexity machinery's disjoint windows (llama_jax.data.eval_windows, what
                          eval_ppl scores) over each text, with the workdir's data options but no EOS (lm_eval
@@ -58,7 +59,10 @@ except ImportError as e:  # the optional extra: one line naming the fix
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_LENGTH = 2048  # row length when the model allows it (lm_eval's hf backend's default too)
+DEFAULT_MAX_LENGTH = 2048  # the context limit when the model allows it (lm_eval's hf backend's default too)
+# Shortest packed row: loglikelihood rows are the smallest power of two >= the longest request (at least this,
+# at most max_length), since attention over a row costs its length per token even where segments mask it.
+MIN_ROW = 128
 # Messages from process 0 to the followers: a fixed-size int header, then the arrays it announces.
 _STOP, _SCORE, _GENERATE = 0, 1, 2
 _HEADER = 8
@@ -112,8 +116,8 @@ class HarnessLM(TemplateLM):
         if self.max_length > model_config.max_seq_len:
             raise ConfigError(f"max_length={self.max_length} exceeds the model's max_seq_len="
                               f"{model_config.max_seq_len}; lower --max_length.")
-        shards = sharding.batch_shards(mesh)
-        self.batch_size = -(-max(int(batch_size), 1) // shards) * shards  # rows per step, a multiple of the shards
+        self._shards = sharding.batch_shards(mesh)
+        self.batch_size = max(int(batch_size), 1)  # rows of max_length per step: the step's token budget
         self.add_bos = bool(self.experiment.get("data", {}).get("add_bos", False)) if add_bos is None else add_bos
         self.max_gen_toks = max_gen_toks
         self.stops = stop_ids(tokenizer, self.experiment)
@@ -121,7 +125,6 @@ class HarnessLM(TemplateLM):
             raise ConfigError("the tokenizer has no EOS token, which lm_eval needs (end of text, the empty-context "
                               "prefix); use a tokenizer with one.")
         self.traces = 0  # how often the scoring step was traced (compiled): once per row shape
-        self._rows = sharding.process_batch_slice(mesh, self.batch_size)
         self._score = self._jit_score(rules)
         self._multi = jax.process_count() > 1
 
@@ -176,9 +179,11 @@ class HarnessLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pieces = [request_tokens(ctx, cont, self.max_length) for _, ctx, cont in requests]
-        where = pack([len(inp) for inp, _ in pieces], self.max_length)
+        longest = max((len(inp) for inp, _ in pieces), default=1)
+        row_len = min(self.max_length, max(MIN_ROW, 1 << (longest - 1).bit_length()))
+        where = pack([len(inp) for inp, _ in pieces], row_len)
         num_rows = max(r for r, _ in where) + 1 if where else 0
-        rows = empty_rows(num_rows, self.max_length)
+        rows = empty_rows(num_rows, row_len)
         for i, ((inp, tgt), (r, c)) in enumerate(zip(pieces, where)):
             n = len(inp)
             rows["inputs"][r, c:c + n], rows["targets"][r, c:c + n] = inp, tgt
@@ -199,7 +204,7 @@ class HarnessLM(TemplateLM):
         for (text,) in [req.args for req in requests]:
             try:
                 ev = eval_windows(Documents.from_texts([text]), self.tokenizer, options, seq_len=self.max_length,
-                                  batch_size=self.batch_size)
+                                  batch_size=self._shards)
             except DataError:  # no target: the empty text has log-likelihood 0
                 out.append(0.0)
                 continue
@@ -224,23 +229,32 @@ class HarnessLM(TemplateLM):
 
     # ------------------------------------------------------------------ the computations (every process)
     def _score_rows(self, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-position (target logprob, is greedy) of `rows` [n, max_length], in steps of batch_size rows."""
-        n = len(rows["inputs"])
-        logprob, greedy = np.zeros(rows["inputs"].shape, np.float32), np.zeros(rows["inputs"].shape, bool)
-        for lo in range(0, n, self.batch_size):
-            batch = empty_rows(self.batch_size, self.max_length)
+        """Per-position (target logprob, is greedy) of `rows` [n, width], in steps of a fixed number of rows:
+        batch_size * max_length tokens, a multiple of the mesh's batch shards (one compile per width)."""
+        (n, width), per_step = rows["inputs"].shape, self.rows_per_step(rows["inputs"].shape[1])
+        logprob, greedy = np.zeros((n, width), np.float32), np.zeros((n, width), bool)
+        for lo in range(0, n, per_step):
+            batch = empty_rows(per_step, width)
             for k in _SCORE_KEYS:
-                part = rows[k][lo:lo + self.batch_size]
+                part = rows[k][lo:lo + per_step]
                 batch[k][:len(part)] = part
             lp, g = self._step(batch)
-            logprob[lo:lo + self.batch_size], greedy[lo:lo + self.batch_size] = lp[:n - lo], g[:n - lo]
+            logprob[lo:lo + per_step], greedy[lo:lo + per_step] = lp[:n - lo], g[:n - lo]
         return logprob, greedy
+
+    def rows_per_step(self, width: int) -> int:
+        rows = max(self.batch_size * self.max_length // width, 1)
+        return -(-rows // self._shards) * self._shards
 
     def _step(self, batch: dict[str, np.ndarray]):
         if self._multi:
-            self._send(_SCORE)
+            self._send(_SCORE, *batch["inputs"].shape)
             batch = multihost_utils.broadcast_one_to_all(batch)
-        local = {k: np.asarray(v)[self._rows] for k, v in batch.items()}
+        return self._run_step(batch)
+
+    def _run_step(self, batch: dict[str, np.ndarray]):
+        mine = sharding.process_batch_slice(self.mesh, len(batch["inputs"]))
+        local = {k: np.asarray(v)[mine] for k, v in batch.items()}
         return jax.device_get(self._score(self.params, sharding.shard_batch(local, self.mesh)))
 
     def _generate(self, prompt: list[int], max_new: int, temperature: float) -> list[int]:
@@ -260,9 +274,7 @@ class HarnessLM(TemplateLM):
             if header[0] == _STOP:
                 return
             if header[0] == _SCORE:
-                batch = multihost_utils.broadcast_one_to_all(empty_rows(self.batch_size, self.max_length))
-                local = {k: np.asarray(v)[self._rows] for k, v in batch.items()}
-                jax.device_get(self._score(self.params, sharding.shard_batch(local, self.mesh)))
+                self._run_step(multihost_utils.broadcast_one_to_all(empty_rows(header[1], header[2])))
             else:
                 prompt = multihost_utils.broadcast_one_to_all(np.zeros(header[1], np.int32)).tolist()
                 generate(self.params, self.model_config, [prompt], max_new_tokens=header[2],

@@ -64,7 +64,7 @@ class EvalTasksConfig(Section):
     every: int = 0  # steps between runs; 0: only at the end of training
     limit: int = 0  # documents per task; 0: all
     num_fewshot: int = 0
-    batch_size: int = 8  # packed rows per scoring step
+    batch_size: int = 8  # tokens per scoring step, in rows of the model's context (HarnessLM's batch_size)
 
     def __post_init__(self):
         for name in ("every", "limit", "num_fewshot"):

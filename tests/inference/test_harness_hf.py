@@ -13,10 +13,10 @@ import pytest
 from llama_jax import inference
 
 pytest.importorskip("torch", reason="lm_eval's hf backend runs PyTorch transformers: pip install -e '.[torch]'")
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 TOL = 1e-3
 
