@@ -87,6 +87,7 @@ def test_rolling_equals_eval_ppl_on_the_same_text(lm, hf_tiny_workdir, tmp_path)
     assert got == pytest.approx(-ref["loss"] * ref["tokens"], rel=1e-5)
 
 
+@pytest.mark.slow  # > 10 s: lm_eval's task index, a subprocess, or the sampler's compile
 def test_generate_until_stops_at_until_and_max_gen_toks(lm):
     from lm_eval.api.instance import Instance
 
@@ -115,11 +116,13 @@ def test_eval_tasks_cli_on_the_shipped_offline_tasks(hf_tiny_workdir, tmp_path):
     assert json.loads(out.read_text())["results"]["llama_jax_tiny_mc"]["acc,none"] == line["lm_eval/llama_jax_tiny_mc/acc"]
 
 
+@pytest.mark.slow  # > 10 s: lm_eval's task index, a subprocess, or the sampler's compile
 def test_eval_tasks_cli_names_the_fix_for_an_unknown_task(hf_tiny_workdir):
     r = run_module("experiments.eval_tasks", f"--workdir={hf_tiny_workdir}", "--tasks=no_such_task")
     assert r.returncode != 0 and "unknown lm_eval task(s) ['no_such_task']" in r.stderr
 
 
+@pytest.mark.slow  # > 10 s: lm_eval's task index, a subprocess, or the sampler's compile
 def test_a_local_task_without_its_files_names_where_to_put_them(lm, tmp_path):
     with pytest.raises(Exception, match="do not exist: download them there"):
         harness.run_tasks(lm, ["arc_easy_local"], data_dir=str(tmp_path), limit=2)

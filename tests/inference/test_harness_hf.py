@@ -18,6 +18,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+pytestmark = pytest.mark.slow  # loading both backends and lm_eval's task index takes > 10 s
+
 TOL = 1e-3
 
 
@@ -53,7 +55,6 @@ def harness_tasks():
     return tasks_dir()
 
 
-@pytest.mark.slow
 def test_multiple_choice_matches_the_hf_backend(ours, theirs):
     (r1, s1), (r2, s2) = samples(ours, "llama_jax_tiny_mc"), samples(theirs, "llama_jax_tiny_mc")
     a = [resp[0] for s in s1 for resp in s["resps"]]  # (loglikelihood, is_greedy) per choice
@@ -79,7 +80,6 @@ def test_loglikelihood_and_rolling_match_the_hf_backend(ours, theirs):
                                atol=TOL, rtol=0)
 
 
-@pytest.mark.slow
 def test_greedy_generation_matches_the_hf_backend(ours, theirs):
     reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}), i)
             for i, p in enumerate(["The king", "Now is the winter"])]
