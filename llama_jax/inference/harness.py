@@ -314,6 +314,8 @@ def run_tasks(lm: HarnessLM, tasks: Sequence[str], *, num_fewshot: int | None = 
                               f"and {tasks_dir()} holds the shipped offline ones.")
         return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                task_manager=manager, log_samples=False)
+    except FileNotFoundError as e:  # a *_local task's files (tasks/utils.py says where they belong)
+        raise DataError(str(e)) from e
     except (ConnectionError, OSError) as e:
         raise DataError(download_hint(tasks, e)) from e
     finally:
@@ -321,11 +323,11 @@ def run_tasks(lm: HarnessLM, tasks: Sequence[str], *, num_fewshot: int | None = 
 
 
 def download_hint(tasks: Sequence[str], error: Exception) -> str:
-    """The one line for a task whose dataset could not be downloaded: its *_local variant, or the HF cache."""
+    """The one line for a task whose dataset could not be downloaded: the *_local variants, or the HF cache."""
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return (f"task(s) {', '.join(tasks)} could not load their data ({first}); offline, run the shipped *_local "
-            f"variant (e.g. --tasks=hellaswag_local with the task's jsonl in the directory its YAML names, see "
-            f"{tasks_dir()}), or copy the Hugging Face datasets cache here and set HF_DATASETS_OFFLINE=1.")
+    return (f"task(s) {', '.join(tasks)} could not download their data ({first}); offline, run a shipped *_local "
+            "variant (hellaswag_local, arc_easy_local) with its files in --task_data_dir (README.md, \"Downstream "
+            "tasks\", says which), or copy a Hugging Face datasets cache here and set HF_DATASETS_OFFLINE=1.")
 
 
 def metrics_of(results: dict[str, Any]) -> dict[str, float]:

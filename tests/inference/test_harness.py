@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llama_jax import inference
+from llama_jax.errors import DataError
 from llama_jax.inference import harness
 from llama_jax.inference.sampling import continuation_text
 from llama_jax.train import read_metrics
@@ -123,8 +124,18 @@ def test_eval_tasks_cli_names_the_fix_for_an_unknown_task(hf_tiny_workdir):
 
 
 @pytest.mark.slow  # > 10 s: lm_eval's task index, a subprocess, or the sampler's compile
+def test_a_task_that_cannot_download_names_the_local_variant(hf_tiny_workdir, tmp_path):
+    """Offline (an empty HF cache, the Hub's offline mode), lm_eval's arc_easy fails with one line naming the fix."""
+    r = run_module("experiments.eval_tasks", f"--workdir={hf_tiny_workdir}", "--tasks=arc_easy", "--limit=2",
+                   env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("eval_tasks: ")]
+    assert r.returncode == 1 and len(line) == 1, r.stderr[-3000:]
+    assert "could not download their data" in line[0] and "arc_easy_local" in line[0] and "--task_data_dir" in line[0]
+
+
+@pytest.mark.slow  # > 10 s: lm_eval's task index, a subprocess, or the sampler's compile
 def test_a_local_task_without_its_files_names_where_to_put_them(lm, tmp_path):
-    with pytest.raises(Exception, match="do not exist: download them there"):
+    with pytest.raises(DataError, match="do not exist: download them there"):
         harness.run_tasks(lm, ["arc_easy_local"], data_dir=str(tmp_path), limit=2)
 
 
