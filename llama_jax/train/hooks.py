@@ -3,7 +3,7 @@
 The loop (loop.py) only steps and calls `hook(run)` for every hook whose `due(run)` is true; a new
 periodic behaviour is a new hook here, not a new `if` in the loop. Hooks run in list order after each
 step: the divergence guard first (a halted run writes nothing more), then profiling, logging, the checkpoint, evaluation
-(after the step's save, so a failure there never loses it), the progress bar, and preemption last.
+and lm_eval tasks (after the step's save, so a failure there never loses it), the progress bar, and preemption last.
 
 `Run` is what hooks share: the state after the step, its metrics (device arrays), the step count, the
 clock, and a `stop` flag a hook sets to end the loop after this step.

@@ -56,6 +56,8 @@ def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = (),
     exp = init_from.resolve(exp, explicit)  # reads the source only: a refusal leaves the workdir untouched
     if exp.loop.wandb_project and distributed.is_main_process():
         import_wandb()  # a missing wandb is refused here, before the workdir is touched
+    if exp.eval_tasks.task_list:
+        from llama_jax.inference import harness  # noqa: F401  (likewise a missing lm_eval, the eval extra)
     # Config errors (mesh, divisibility, rules) are raised here, before the workdir is touched.
     program = TrainProgram.from_experiment(exp)
     with _workdir_lock(workdir) as lock:
