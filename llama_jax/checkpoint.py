@@ -34,6 +34,7 @@ from llama_jax.errors import CheckpointError, ConfigMismatchError
 from llama_jax.lora.config import LoraConfig
 from llama_jax.model import ModelConfig, stack_layers, unstack_layers
 from llama_jax.sharding import MeshConfig, ShardingConfig
+from llama_jax.train.config import EvalTasksConfig
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -489,7 +490,7 @@ def _normalise(v):
 # Sections compared field by field after filling in defaults (the optimizer and loop fields are compared
 # as written; importing their classes here would be circular).
 _RESOLVED_SECTIONS = {"model": ModelConfig, "data": DataConfig, "mesh": MeshConfig, "sharding": ShardingConfig,
-                      "lora": LoraConfig}
+                      "lora": LoraConfig, "eval_tasks": EvalTasksConfig}
 
 
 def _resolved(config: dict) -> dict:

@@ -12,6 +12,7 @@ Sections and the module that owns (and is the only reader of) each:
   config.mesh        MeshConfig     llama_jax/sharding.py
   config.sharding    ShardingConfig llama_jax/sharding.py
   config.lora        LoraConfig     llama_jax/lora/config.py     rank 0 = off
+  config.eval_tasks  EvalTasksConfig llama_jax/train/config.py   lm_eval tasks during training; tasks "" = off
   config.<top level> LoopConfig     llama_jax/train/config.py    seed, num_steps, batch_size, seq_len, ...
 
 Each field's default is written once, in its section's dataclass; `base_config` derives the ConfigDict
@@ -33,7 +34,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.lora import LoraConfig
 from llama_jax.model import ModelConfig, preset
 from llama_jax.sharding import MeshConfig, ShardingConfig
-from llama_jax.train.config import LoopConfig
+from llama_jax.train.config import EvalTasksConfig, LoopConfig
 from llama_jax.train.optim import OptimizerConfig
 
 SECTIONS = {
@@ -43,6 +44,7 @@ SECTIONS = {
     "mesh": MeshConfig,
     "sharding": ShardingConfig,
     "lora": LoraConfig,
+    "eval_tasks": EvalTasksConfig,
 }
 
 
@@ -54,6 +56,7 @@ class Experiment:
     mesh: MeshConfig
     sharding: ShardingConfig
     lora: LoraConfig
+    eval_tasks: EvalTasksConfig
     loop: LoopConfig
 
     def __post_init__(self):

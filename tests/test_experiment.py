@@ -123,12 +123,22 @@ def test_base_config_is_the_section_defaults():
     assert {k: c[k] for k in LoopConfig().to_dict()} == LoopConfig().to_dict()
 
 
-@pytest.mark.parametrize("section", ["data", "optimizer", "mesh", "sharding", "model"])
+@pytest.mark.parametrize("section", ["data", "optimizer", "mesh", "sharding", "model", "eval_tasks"])
 def test_unknown_key_in_any_section_is_an_error(section):
     d = Experiment.from_config(base_config("tiny")).to_dict()
     d[section]["typo_field"] = 1
     with pytest.raises(ConfigError, match=rf"unknown {section} config field\(s\) \['typo_field'\]"):
         Experiment.from_config(d)
+
+
+def test_eval_tasks_section_lists_its_tasks_and_rejects_bad_values():
+    c = base_config("tiny")
+    assert Experiment.from_config(c).eval_tasks.task_list == []  # the default: off
+    c.eval_tasks.tasks = " llama_jax_tiny_mc, arc_easy_local ,"
+    assert Experiment.from_config(c).eval_tasks.task_list == ["llama_jax_tiny_mc", "arc_easy_local"]
+    c.eval_tasks.every = -1
+    with pytest.raises(ConfigError, match=r"invalid eval_tasks: every=-1 must be >= 0"):
+        Experiment.from_config(c)
 
 
 def test_unknown_top_level_key_is_an_error():

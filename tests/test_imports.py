@@ -43,3 +43,10 @@ def test_sample_help_and_flag_errors_load_no_jax():
 def test_the_training_loop_loads_wandb_only_for_a_run_that_logs_to_it():
     """Weights & Biases is an optional extra (loop.wandb_project): an install without it trains as before."""
     assert loaded_after("import llama_jax.train.loop", ["wandb"]) == {"wandb": False}
+
+
+def test_lm_eval_is_loaded_only_by_the_harness():
+    """lm-evaluation-harness is an optional extra (".[eval]"): the inference package and the training loop
+    load without it, and the adapter is one attribute access away."""
+    assert loaded_after("import llama_jax.inference, llama_jax.train.loop", ["lm_eval"]) == {"lm_eval": False}
+    assert loaded_after("from llama_jax.inference import HarnessLM", ["lm_eval"]) == {"lm_eval": True}

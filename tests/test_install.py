@@ -18,7 +18,8 @@ def _names(requirements: list[str]) -> set[str]:
 def test_the_test_extra_pulls_no_torch_and_the_torch_extra_says_what_it_brings():
     extras = _extras()
     assert "torch" not in _names(extras["test"])
-    assert _names(extras["torch"]) == {"torch"}
+    assert _names(extras["torch"]) == {"torch", "accelerate"}  # accelerate: lm_eval's hf backend, the reference
+    assert _names(extras["eval"]) == {"lm_eval"} and "torch" not in _names(extras["eval"])
     # The README's test command and CI's are the same one, with the extra that brings the HF tests' reference.
-    command = 'pip install -e ".[test,tpu,torch]" && python -m pytest -q'
+    command = 'pip install -e ".[test,tpu,torch,eval]" && python -m pytest -q'
     assert command in (REPO / "README.md").read_text() and command in (REPO / ".ci" / "run").read_text()

@@ -71,7 +71,7 @@ def _reads_and_writes(args: list[str]) -> tuple[list[str], list[str]]:
     exporting = script == "convert_hf" and "--to_hf" in args
     reads = f.get("config.init_from", []) + [v.removeprefix("init_from=") for v in f.get("set", [])
                                              if v.startswith("init_from=")]
-    if script in ("eval_ppl", "sample", "inspect_data") or exporting:
+    if script in ("eval_ppl", "eval_tasks", "sample", "inspect_data") or exporting:
         reads += f.get("workdir", [])
     for config in f.get("config", []):
         stem = re.fullmatch(r"configs/(\w+)\.py", config)
@@ -113,6 +113,7 @@ _QUICK = {
     "experiments.train": ["--config.num_steps=4", "--config.eval_every=4"],
     "experiments.sweep": ["--seeds=1", "--set=num_steps=4", "--set=eval_every=4"],
     "experiments.sample": ["--max_new_tokens=8"],
+    "experiments.eval_tasks": ["--limit=4"],
     "experiments.make_task": ["--num_train=64", "--num_eval=16"],
 }
 # The reader's own files and machines (an HF dir, a bucket, a pod), which a test cannot stand in for.

@@ -1,5 +1,8 @@
-"""Using a trained or imported workdir: load it onto a mesh, sample from it, score held-out text."""
+"""Using a trained or imported workdir: load it onto a mesh, sample from it, score held-out text, run
+lm-evaluation-harness tasks (HarnessLM, run_tasks, metrics_of: imported on first use, so that lm_eval, an
+optional extra, is needed only by whoever uses them)."""
 
+from llama_jax import _lazy
 from llama_jax.inference.load import (
     inference_mesh,
     load_chat_template,
@@ -28,7 +31,12 @@ from llama_jax.inference.sampling import (
     top_p_mask,
 )
 
+__getattr__, __dir__ = _lazy.exports(
+    __name__, {"HarnessLM": "harness", "metrics_of": "harness", "results_json": "harness", "run_tasks": "harness"}
+)
+
 __all__ = [
+    "HarnessLM",
     "chat_reply",
     "chat_stops",
     "check_messages",
@@ -43,8 +51,11 @@ __all__ = [
     "load_tokenizer_of",
     "load_workdir",
     "make_eval_step",
+    "metrics_of",
     "param_shardings",
     "perplexity",
+    "results_json",
+    "run_tasks",
     "sample_logits",
     "sample_text",
     "top_p_mask",

@@ -51,3 +51,26 @@ class LoopConfig(Section):
         self._check(self.spike_factor == 0 or self.spike_factor > 1,
                     f"spike_factor={self.spike_factor} must be 0 (off) or > 1.")
         self._check(self.resume_step >= -1, f"resume_step={self.resume_step} must be a step, or -1 for the newest.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTasksConfig(Section):
+    """config.eval_tasks: lm-evaluation-harness tasks run on the live params during training (hooks.EvalTasks,
+    pip install -e ".[eval]"), logged as lm_eval/<task>/<metric>. tasks "" is off (lm_eval is never imported)."""
+
+    SECTION = "eval_tasks"
+
+    tasks: str = ""  # comma-separated lm_eval task names, e.g. "llama_jax_tiny_mc,arc_easy_local"
+    every: int = 0  # steps between runs; 0: only at the end of training
+    limit: int = 0  # documents per task; 0: all
+    num_fewshot: int = 0
+    batch_size: int = 8  # tokens per scoring step, in rows of the model's context (HarnessLM's batch_size)
+
+    def __post_init__(self):
+        for name in ("every", "limit", "num_fewshot"):
+            self._check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
+        self._check(self.batch_size > 0, f"batch_size={self.batch_size} must be a positive integer.")
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]

@@ -3,7 +3,7 @@
 The loop (loop.py) only steps and calls `hook(run)` for every hook whose `due(run)` is true; a new
 periodic behaviour is a new hook here, not a new `if` in the loop. Hooks run in list order after each
 step: the divergence guard first (a halted run writes nothing more), then profiling, logging, the checkpoint, evaluation
-(after the step's save, so a failure there never loses it), the progress bar, and preemption last.
+and lm_eval tasks (after the step's save, so a failure there never loses it), the progress bar, and preemption last.
 
 `Run` is what hooks share: the state after the step, its metrics (device arrays), the step count, the
 clock, and a `stop` flag a hook sets to end the loop after this step.
@@ -267,6 +267,39 @@ class Evaluate(Hook):
             message += f", exact match {result['eval/exact_match']:.3f} of {int(result['eval/exact_match_records'])}"
         if log.isEnabledFor(logging.INFO):
             tqdm.write(message, file=sys.stderr)  # above the progress bar, not glued onto it
+
+
+class EvalTasks(Hook):
+    """lm-evaluation-harness tasks (config.eval_tasks) on the live params every `every` steps and at the end,
+    through the adapter (llama_jax/inference/harness.py, built once: one compiled scoring step for the run),
+    logged as lm_eval/<task>/<metric>. Every process runs it: process 0 drives lm_eval, the others follow."""
+
+    pauses_clock = True
+
+    def __init__(self, config, tokenizer, experiment: dict, writer: MetricWriter):
+        self.config, self.tokenizer, self.experiment, self.writer = config, tokenizer, experiment, writer
+        self.every = config.every
+        self._lm = None
+
+    def __call__(self, run: Run) -> None:
+        from llama_jax.inference.harness import HarnessLM, metrics_of, run_tasks  # lm_eval: only when asked
+
+        program, params = run.program, run.program.model_params(run.state)
+        if self._lm is None:
+            self._lm = HarnessLM(params, program.model_config, self.tokenizer, mesh=program.mesh,
+                                 rules=program.rules, experiment=self.experiment, batch_size=self.config.batch_size)
+        self._lm.params = params
+        results = run_tasks(self._lm, self.config.task_list, num_fewshot=self.config.num_fewshot,
+                            limit=self.config.limit or None)
+        if results is None:  # a follower process
+            return
+        scores = metrics_of(results)
+        self.writer.write(run.done, scores)
+        run.last.update(scores)
+        if log.isEnabledFor(logging.INFO):
+            tqdm.write(f"step {run.done}: " + ", ".join(f"{k.removeprefix('lm_eval/')} {v:.4f}"
+                                                        for k, v in scores.items() if "stderr" not in k),
+                       file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- logging

@@ -56,6 +56,8 @@ def train(exp: Experiment, workdir: str, extra_hooks: Sequence[hooks.Hook] = (),
     exp = init_from.resolve(exp, explicit)  # reads the source only: a refusal leaves the workdir untouched
     if exp.loop.wandb_project and distributed.is_main_process():
         import_wandb()  # a missing wandb is refused here, before the workdir is touched
+    if exp.eval_tasks.task_list:
+        from llama_jax.inference import harness  # noqa: F401  (likewise a missing lm_eval, the eval extra)
     # Config errors (mesh, divisibility, rules) are raised here, before the workdir is touched.
     program = TrainProgram.from_experiment(exp)
     with _workdir_lock(workdir) as lock:
@@ -101,7 +103,8 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
     writer = MetricWriter(workdir, enabled=distributed.is_main_process(), wandb_project=loop.wandb_project,
                           config=exp.to_dict())
     with contextlib.closing(writer):
-        all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match), *extra_hooks]
+        all_hooks = [*_hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match, tokenizer),
+                     *extra_hooks]
         if lock is not None:
             all_hooks.append(hooks.Heartbeat(lock))
         _loop(run, all_hooks, train_data)
@@ -240,7 +243,7 @@ def _exact_match(exp, tokenizer) -> ExactMatch | None:
     return ExactMatch.from_config(exp.data, tokenizer, max_seq_len=exp.model.max_seq_len)
 
 
-def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None) -> list[hooks.Hook]:
+def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None, tokenizer=None) -> list[hooks.Hook]:
     loop, main = exp.loop, distributed.is_main_process()
     peak, peak_source = peak_flops()
     log.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
@@ -263,6 +266,8 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None) 
         responses_only = exp.data.format == "sft" and exp.data.loss_on == "responses"
         out.append(hooks.Evaluate(eval_data, writer, loop.eval_every, responses_only=responses_only,
                                   exact_match=exact_match))
+    if exp.eval_tasks.task_list:  # lm_eval tasks (config.eval_tasks); "" never imports lm_eval
+        out.append(hooks.EvalTasks(exp.eval_tasks, tokenizer, exp.to_dict(), writer))
     if progress is not None:
         out.append(progress)
     out.append(hooks.Preemption(save, workdir))
