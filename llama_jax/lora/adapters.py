@@ -62,7 +62,16 @@ def target_paths(cfg: LoraConfig, params) -> list[str]:
     if flat:
         raise ConfigError(
             f"lora.targets {list(cfg.targets)} select params that are not matrices: {flat}. LoRA adapts "
-            "kernels and the embedding; narrow the regexes (end them in '/kernel$')."
+            "projection kernels; narrow the regexes (end them in '/kernel$')."
+        )
+    # The adapters run inside the projection layer (model/linear.py); the embedding lookup and the LM head
+    # (which the chunked loss applies itself) are not one, and merging them in would form dense gradients.
+    outside = [p for p in paths if not p.endswith("/kernel") or p.startswith("lm_head/")]
+    if outside:
+        raise ConfigError(
+            f"lora.targets {list(cfg.targets)} select {outside}, which LoRA cannot adapt: adapters run low-rank "
+            "inside the attention and MLP projections (x @ W + s * (x @ A) @ B). Narrow the regexes to those "
+            "(e.g. r'attn/(q|k|v|o)_proj/kernel$', r'mlp/(gate|up|down)_proj/kernel$')."
         )
     return paths
 
@@ -110,6 +119,13 @@ def delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     out = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST,
                      preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
     return out.reshape(shape)
+
+
+def lowrank(adapters, scale: float):
+    """The model's "lora" variable collection for `adapters`: the same tree with `scale` folded into each B
+    (a [*lead, r, *out] multiply), which the projections apply as x @ W + (x @ A) @ B (model/linear.py).
+    The train step computes with this; evaluation, sampling and export `merge`."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: x * scale if path_str(p).endswith(B) else x, adapters)
 
 
 def merge(params, adapters, scale: float):

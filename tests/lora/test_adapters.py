@@ -49,10 +49,12 @@ def test_targets_that_match_nothing_or_no_matrix_are_errors():
         lora.target_paths(lora.LoraConfig(rank=4, targets=("attn/qq_proj",)), shapes)
     with pytest.raises(ConfigError, match=r"not matrices: \['final_norm/scale \(64,\)'\]"):
         lora.target_paths(lora.LoraConfig(rank=4, targets=("^final_norm/scale$",)), shapes)
-    cfg = lora.LoraConfig(rank=4, targets=(r"attn/(q|o)_proj/kernel$", r"mlp/down_proj/kernel$", "^embed/"))
+    cfg = lora.LoraConfig(rank=4, targets=(r"attn/(q|o)_proj/kernel$", r"mlp/down_proj/kernel$"))
     assert lora.target_paths(cfg, shapes) == [
-        "embed/embedding", *(f"layers_{i}/{m}" for i in range(2)
-                             for m in ("attn/o_proj/kernel", "attn/q_proj/kernel", "mlp/down_proj/kernel"))]
+        f"layers_{i}/{m}" for i in range(2) for m in ("attn/o_proj/kernel", "attn/q_proj/kernel", "mlp/down_proj/kernel")]
+    for head in ("^embed/", "^lm_head/"):  # not projections: no low-rank path (the error names the ones that have)
+        with pytest.raises(ConfigError, match=r"which LoRA cannot adapt(.|\n)*mlp/\(gate\|up\|down\)_proj"):
+            lora.target_paths(lora.LoraConfig(rank=4, targets=(head, "q_proj/kernel$")), shapes)
 
 
 # ---------------------------------------------------------------------- the math
