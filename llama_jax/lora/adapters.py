@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.errors import ConfigError
 from llama_jax.lora.config import LoraConfig
-from llama_jax.model import kernel_input_dims, path_str
+from llama_jax.model import ModelConfig, count_params, kernel_input_dims, param_shapes, path_str
 
 A, B = "lora_a", "lora_b"
 
@@ -98,6 +98,12 @@ def init_adapters(cfg: LoraConfig, params, key: jax.Array, dtype) -> dict:
         _set(out, [*path.split("/"), A], a)
         _set(out, [*path.split("/"), B], b)
     return out
+
+
+def adapter_param_count(cfg: LoraConfig, model: ModelConfig) -> int:
+    """Adapter params of `model` under `cfg`: r * (in + out) summed over the adapted kernels (of every layer)."""
+    shapes = param_shapes(model)
+    return count_params(jax.eval_shape(lambda: init_adapters(cfg, shapes, jax.random.key(0), jnp.float32)))
 
 
 def _pairs(adapters) -> dict[str, dict[str, jax.Array]]:
