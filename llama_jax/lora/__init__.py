@@ -9,7 +9,17 @@ params that load_workdir and the HF export read) builds on llama_jax.checkpoint,
 this package's config for the resume check, so it is imported by its module path, not from here.
 """
 
-from llama_jax.lora.adapters import adapter_param_count, adapter_specs, delta, init_adapters, lowrank, merge, target_paths
+from llama_jax.lora.adapters import (
+    adapter_param_count,
+    adapter_specs,
+    delta,
+    init_adapters,
+    lowrank,
+    merge,
+    target_paths,
+)
 from llama_jax.lora.config import LoraConfig
 
-__all__ = ["LoraConfig", "adapter_param_count", "adapter_specs", "delta", "init_adapters", "lowrank", "merge", "target_paths"]
+__all__ = [
+    "LoraConfig", "adapter_param_count", "adapter_specs", "delta", "init_adapters", "lowrank", "merge", "target_paths",
+]
