@@ -128,7 +128,8 @@ class TrainProgram:
         replicated = NamedSharding(mesh, P())
         batch_sharding = sharding.batch_sharding(mesh)
 
-        eval_fn, eval_shardings, merge, adapt = make_eval_step(model_config, mesh, rules), state_shardings.params, None, None
+        eval_fn, eval_shardings = make_eval_step(model_config, mesh, rules), state_shardings.params
+        merge = adapt = None
         if lora is not None:
             def adapt(adapters):
                 return lora_lib.lowrank(adapters, lora.scale)
