@@ -51,6 +51,7 @@ def test_a_tiny_config_compiles_and_fits(topology):
     assert report.ledger["params"] == sum(np.prod(a.shape) * 4 for a in jax.tree.leaves(param_shapes(_exp().model)))
 
 
+@pytest.mark.slow
 def test_a_lora_train_step_compiles_fewer_matmul_flops_than_the_full_fine_tune():
     full = planner.plan(_exp(), "v5litepod-8", estimate=False)
     lora = {"rank": 4, "targets": (r"attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$")}
