@@ -10,7 +10,8 @@ from tests.helpers import run_module
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("script", ["train_throughput", "eval_throughput", "decode", "compile_time", "compile_cache", "input_pipeline", "data_pipeline", "lm_eval_throughput"])
+@pytest.mark.parametrize("script", ["train_throughput", "eval_throughput", "decode", "compile_time", "compile_cache", "input_pipeline", "data_pipeline",
+                                    "lora_train", "lm_eval_throughput"])
 def test_benchmark_quick_run_ends_with_json(script, tfds_manual_dir, tfds_data_dir):
     args = [f"benchmarks.{script}", "--quick"]
     if script == "input_pipeline":

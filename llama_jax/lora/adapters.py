@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.errors import ConfigError
 from llama_jax.lora.config import LoraConfig
-from llama_jax.model import kernel_input_dims, path_str
+from llama_jax.model import ModelConfig, count_params, kernel_input_dims, param_shapes, path_str
 
 A, B = "lora_a", "lora_b"
 
@@ -62,7 +62,16 @@ def target_paths(cfg: LoraConfig, params) -> list[str]:
     if flat:
         raise ConfigError(
             f"lora.targets {list(cfg.targets)} select params that are not matrices: {flat}. LoRA adapts "
-            "kernels and the embedding; narrow the regexes (end them in '/kernel$')."
+            "projection kernels; narrow the regexes (end them in '/kernel$')."
+        )
+    # The adapters run inside the projection layer (model/linear.py); the embedding lookup and the LM head
+    # (which the chunked loss applies itself) are not one, and merging them in would form dense gradients.
+    outside = [p for p in paths if not p.endswith("/kernel") or p.startswith("lm_head/")]
+    if outside:
+        raise ConfigError(
+            f"lora.targets {list(cfg.targets)} select {outside}, which LoRA cannot adapt: adapters run low-rank "
+            "inside the attention and MLP projections (x @ W + s * (x @ A) @ B). Narrow the regexes to those "
+            "(e.g. r'attn/(q|k|v|o)_proj/kernel$', r'mlp/(gate|up|down)_proj/kernel$')."
         )
     return paths
 
@@ -91,6 +100,12 @@ def init_adapters(cfg: LoraConfig, params, key: jax.Array, dtype) -> dict:
     return out
 
 
+def adapter_param_count(cfg: LoraConfig, model: ModelConfig) -> int:
+    """Adapter params of `model` under `cfg`: r * (in + out) summed over the adapted kernels (of every layer)."""
+    shapes = param_shapes(model)
+    return count_params(jax.eval_shape(lambda: init_adapters(cfg, shapes, jax.random.key(0), jnp.float32)))
+
+
 def _pairs(adapters) -> dict[str, dict[str, jax.Array]]:
     """{kernel path: {"lora_a": A, "lora_b": B}} of an adapter tree."""
     pairs: dict[str, dict] = {}
@@ -110,6 +125,13 @@ def delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     out = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST,
                      preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
     return out.reshape(shape)
+
+
+def lowrank(adapters, scale: float):
+    """The model's "lora" variable collection for `adapters`: the same tree with `scale` folded into each B
+    (a [*lead, r, *out] multiply), which the projections apply as x @ W + (x @ A) @ B (model/linear.py).
+    The train step computes with this; evaluation, sampling and export `merge`."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: x * scale if path_str(p).endswith(B) else x, adapters)
 
 
 def merge(params, adapters, scale: float):

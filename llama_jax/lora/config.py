@@ -7,10 +7,12 @@
 rank 0 (the default) is ordinary training. With rank r > 0 each param whose '/'-joined path a regex of
 `targets` searches (the paths partition rules match: `layers_0/attn/q_proj/kernel`, or `layers/...` under
 scan_layers) gets adapters A [*in, r] and B [r, *out], and the model computes with
-W + (alpha / r) * A @ B. Only A and B are trained; the base comes from `init_from` and never changes.
+x @ W + (alpha / r) * (x @ A) @ B in training (no dense [in, out] gradient, none for W) and the merged
+W + (alpha / r) * A @ B in evaluation, sampling and export. Only A and B are trained; the base comes from
+`init_from` and never changes. Targets are the attention and MLP projection kernels; the embedding and the
+LM head are refused (llama_jax.lora.target_paths).
 
-No dropout field: LoRA dropout drops the adapter's *input* x before x @ A, which a merged weight cannot
-express, and the model has no dropout rng.
+No dropout field: the model has no dropout rng.
 """
 
 from __future__ import annotations

@@ -185,8 +185,15 @@ class ModelConfig(Section):
         per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + (3 if self.gated_mlp else 2) * d * f
         return self.num_layers * per_layer + self.dim * self.vocab_size
 
-    def flops_per_token(self, seq_len: int, *, training: bool = True, causal_halving: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, *, training: bool = True, causal_halving: bool = True,
+                        adapter_params: int | None = None) -> float:
         """Model FLOPs per token: 2N forward (6N with backward) plus attention scores and values.
+
+        `adapter_params` (LoRA training, the sum of r * (in + out) over adapted kernels): the frozen base
+        computes activation gradients but no weight gradients, so 4N, and each adapter pair A, B costs
+        2 * r * (in + out) forward and twice that backward: 4N + 6 * adapter_params (+ attention). (The
+        first layer's input gradient, which nothing needs, is counted: 1/num_layers of the 2N backward.)
+        With `seq_len` 0, the matmul FLOPs alone.
 
         Attention adds 4 * L * heads * head_dim * seq_len FLOPs forward per token (QK^T and AV). With
         `causal_halving` (the default) that term is halved, because a causal token attends on average
@@ -197,7 +204,10 @@ class ModelConfig(Section):
         if causal_halving:
             attn /= 2
         fwd = 2 * self.matmul_param_count() + attn
-        return float(3 * fwd if training else fwd)
+        if adapter_params is None:
+            return float(3 * fwd if training else fwd)
+        frozen_weight_grads = 2 * self.matmul_param_count() if training else 0
+        return float((3 if training else 1) * (fwd + 2 * adapter_params) - frozen_weight_grads)
 
 
 # ---------------------------------------------------------------------- presets

@@ -1,4 +1,10 @@
-"""The one projection layer every block uses, so dtype, init, bias policy and matmul shape live in one place."""
+"""The one projection layer every block uses, so dtype, init, bias policy and matmul shape live in one place.
+
+Low-rank adapters (LoRA) reach it as the optional variable collection "lora", laid out like "params" with
+`{"lora_a": A, "lora_b": B}` in place of an adapted kernel (llama_jax.lora builds it, the scale folded into
+B). The layer then computes x @ W + (x @ A) @ B: the backward forms only [in, r] and [r, out] gradients,
+never a dense [in, out] one, and W, a "params" leaf the train step does not differentiate, gets none.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +56,12 @@ class Dense(nn.Module):
             return init(rng, (int(np.prod(in_shape)), int(np.prod(features))), dtype).reshape(shape)
 
         kernel = self.param("kernel", kernel_init, (*in_shape, *features), cfg.storage_dtype)
-        y = matmul(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), self.num_contract)
+        x = x.astype(cfg.compute_dtype)
+        y = matmul(x, kernel.astype(cfg.compute_dtype), self.num_contract)  # [*lead, *out]
+        if self.has_variable("lora", "kernel"):
+            ab = self.get_variable("lora", "kernel")  # A [*in, r], B [r, *out] (scale folded in)
+            xa = matmul(x, ab["lora_a"].astype(cfg.compute_dtype), self.num_contract)  # [*lead, r]
+            y = y + matmul(xa, ab["lora_b"].astype(cfg.compute_dtype))  # [*lead, *out]
         if cfg.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), features, cfg.storage_dtype)
             y = y + bias.astype(cfg.compute_dtype)

@@ -50,18 +50,21 @@ def loss_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[st
     }
 
 
-def batch_loss_sums(model, params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def batch_loss_sums(model, params, batch: Mapping[str, jax.Array], lora=None) -> dict[str, jax.Array]:
     """`loss_sums` of `model` (a Llama) on a batch dict (inputs, targets, optional loss_mask, segment_ids,
-    positions; see llama_jax.data), over chunks of `model.config.loss_chunk` positions if set."""
+    positions; see llama_jax.data), over chunks of `model.config.loss_chunk` positions if set.
+
+    lora: the model's "lora" variable collection (low-rank adapters, model/linear.py), or None."""
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     targets, mask = batch["targets"], target_mask(batch)
     chunk = model.config.loss_chunk
     seq = targets.shape[1]
     inputs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
     if not chunk or chunk >= seq:
-        logits = model.apply({"params": params}, batch["inputs"], **inputs)  # [batch, seq, vocab] f32
+        logits = model.apply(variables, batch["inputs"], **inputs)  # [batch, seq, vocab] f32
         return loss_sums(logits, targets, mask)
 
-    hidden = model.apply({"params": params}, batch["inputs"], **inputs, head=False)  # [batch, seq, embed]
+    hidden = model.apply(variables, batch["inputs"], **inputs, head=False)  # [batch, seq, embed]
     kernel = head_kernel(model.config, params)  # [embed, vocab]
     # Whole sequences on every chip (the residual stream's are split over tensor): each chunk is a slice
     # of the sequence.

@@ -120,7 +120,7 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             layers = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "lora": 0},  # adapters are stacked like their kernels
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,

@@ -10,7 +10,8 @@ it with libtpu, and reports per chip:
 - the compiler's memory_analysis (arguments, outputs, temporaries, aliases), the peak
   (arguments + outputs + temporaries - aliases, what must fit) against the chip's HBM, and on failure the
   compiler's own required vs available bytes and largest allocations, with what to change;
-- compiled matmul FLOPs (tools/hlo.py, loops counted by their trip counts) against the model's;
+- compiled matmul FLOPs (tools/hlo.py, loops counted by their trip counts) against the model's (with LoRA
+  also against a full fine-tune's 6N) and the time they take at the chip's peak;
 - the collectives in the compiled program (kind, count, bytes);
 - the compiler's time estimate and the MFU it implies, only where it can be trusted (see `_estimate`).
 
@@ -72,7 +73,8 @@ class Report:
     largest_allocations: list[str] = dataclasses.field(default_factory=list)
     required_bytes: int | None = None
     matmul_flops: float = 0.0  # compiled, per chip, per step
-    model_flops: float = 0.0  # the model's matmul FLOPs per chip, per step (6N or 2N per token)
+    model_flops: float = 0.0  # the model's matmul FLOPs per chip, per step (6N, LoRA's 4N + 6 adapters, or 2N per token)
+    full_flops: float = 0.0  # LoRA train step: a full fine-tune's 6N matmul FLOPs per chip, per step; else 0
     attention_in_kernel: bool = False
     collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     estimate_s: float | None = None
@@ -103,6 +105,7 @@ class Report:
             "memory_gib": {k: round(v / GIB, 3) for k, v in (self.memory or {}).items()},
             "ledger_gib": {k: round(v / GIB, 3) for k, v in self.ledger.items()},
             "matmul_flops": self.matmul_flops, "model_flops": self.model_flops,
+            "full_finetune_model_flops": self.full_flops or None,
             "recompute_ratio": round(self.matmul_flops / self.model_flops, 3) if self.model_flops and self.fits
             else None,
             "collectives": {k: {"count": c, "bytes": b} for k, (c, b) in self.collectives.items()},
@@ -140,8 +143,15 @@ class Report:
         kernel = " (attention runs in the splash kernel, whose FLOPs the compiler does not count)"
         out.append(
             f"matmul FLOPs per chip: compiled {self.matmul_flops:.3e}, model {self.model_flops:.3e}: "
-            f"{self.matmul_flops / self.model_flops:.2f}x{kernel if self.attention_in_kernel else ''}"
+            f"{self.matmul_flops / self.model_flops:.2f}x{kernel if self.attention_in_kernel else ''}; "
+            f"at the chip's bf16 peak ({s.peak_bf16_flops:.3e} FLOP/s) the compiled matmuls take "
+            f"{self.matmul_flops / s.peak_bf16_flops:.3f} s per step"
         )
+        if self.full_flops:
+            out.append(
+                f"LoRA: the model's 4N + 6 x adapter params is {self.model_flops / self.full_flops:.2f}x a full "
+                f"fine-tune's 6N ({self.full_flops:.3e}); compiled {self.matmul_flops / self.full_flops:.2f}x 6N"
+            )
         for kind, (count, nbytes) in sorted(self.collectives.items()):
             out.append(f"  {kind}: {count} per step, {gib(nbytes)}")
         if self.estimate_s is None:
@@ -262,9 +272,10 @@ def _model_flops(exp: Experiment, step: str, batch: int, chips: int, decode_leng
         return 2 * m.matmul_param_count() * tokens / chips, m.flops_per_token(sum(decode_lengths), training=False) \
             * tokens / chips
     tokens = batch * exp.loop.seq_len
-    mult = 6 if step == "train" else 2
-    with_attn = m.flops_per_token(exp.loop.seq_len, training=step == "train") * tokens / chips
-    return mult * m.matmul_param_count() * tokens / chips, with_attn
+    if step == "train":  # with LoRA, what it computes: no weight gradients for the frozen base
+        return exp.train_flops_per_token(0) * tokens / chips, exp.train_flops_per_token() * tokens / chips
+    return 2 * m.matmul_param_count() * tokens / chips, m.flops_per_token(exp.loop.seq_len, training=False) \
+        * tokens / chips
 
 
 def _estimate(exp: Experiment, devices, step: str) -> tuple[float | None, str]:
@@ -360,6 +371,8 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
     report.matmul_flops = summary.matmul_flops
     report.model_flops, report.model_flops_with_attention = _model_flops(
         exp, step, batch, len(devices), decode_lengths)
+    if step == "train" and exp.lora.enabled:
+        report.full_flops = 6 * exp.model.matmul_param_count() * batch * exp.loop.seq_len / len(devices)
     report.attention_in_kernel = (for_platform(exp.model, "tpu").attention_impl == "splash" and step != "decode"
                                   and exp.loop.seq_len % SPLASH_BLOCK_MULTIPLE == 0)
     report.collectives = {k: (c.count, c.bytes) for k, c in summary.collectives.items() if c.count}

@@ -249,7 +249,7 @@ def _hooks(exp, workdir, mngr, train_data, eval_data, writer, exact_match=None, 
     log.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
     progress = hooks.Progress() if main else None
     tokens_per_step = loop.batch_size * loop.seq_len
-    flops_per_token = exp.model.flops_per_token(loop.seq_len)
+    flops_per_token = exp.train_flops_per_token()  # with LoRA, the FLOPs it does (no base weight grads)
     # A resumed run measures spikes against the losses its predecessor logged (rows up to the resume step).
     history = [{k.removeprefix("train/"): v for k, v in r.items()} for r in read_metrics(workdir) if "train/loss" in r]
     guard = hooks.DivergenceGuard(loop.max_consecutive_skips, loop.spike_factor,

@@ -7,8 +7,10 @@
         state, metrics = program.train_step(state, program.shard_batch(local_batch))
     sums = program.eval_step(program.eval_params(state), program.shard_batch(eval_batch))
 
-With `config.lora` on, the state's params are the adapters and its `base` the frozen base params; both
-steps merge them (W + alpha / r * A @ B, llama_jax.lora) inside the jit, placed like the base params.
+With `config.lora` on, the state's params are the adapters and its `base` the frozen base params. The train
+step applies the adapters low-rank (x @ W + alpha / r * (x @ A) @ B, model/linear.py) and differentiates
+them alone; the eval step and `model_params` merge them (W + alpha / r * A @ B, llama_jax.lora), placed
+like the base params.
 """
 
 from __future__ import annotations
@@ -126,8 +128,12 @@ class TrainProgram:
         replicated = NamedSharding(mesh, P())
         batch_sharding = sharding.batch_sharding(mesh)
 
-        eval_fn, eval_shardings, merge = make_eval_step(model_config, mesh, rules), state_shardings.params, None
+        eval_fn, eval_shardings = make_eval_step(model_config, mesh, rules), state_shardings.params
+        merge = adapt = None
         if lora is not None:
+            def adapt(adapters):
+                return lora_lib.lowrank(adapters, lora.scale)
+
             def merge(base, adapters):
                 merged = lora_lib.merge(base, adapters, lora.scale)  # [*lead, *in, *out] per adapted kernel
                 return jax.lax.with_sharding_constraint(merged, state_shardings.base)
@@ -140,7 +146,7 @@ class TrainProgram:
         train_step = jax.jit(
             make_train_step(
                 model_config, tx, mesh, rules, state_shardings.params,
-                grad_accum_steps=grad_accum_steps, z_loss=z_loss, merge=merge,
+                grad_accum_steps=grad_accum_steps, z_loss=z_loss, adapt=adapt,
             ),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, replicated),

@@ -78,12 +78,13 @@ def make_train_step(
     *,
     grad_accum_steps: int,
     z_loss: float,
-    merge: Callable | None = None,
+    adapt: Callable | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure (unjitted) train step: (state, batch) -> (state, metrics).
 
-    merge (LoRA): (state.base, state.params) -> the params the model computes with; the gradient, the
-    optimizer and the norms below then cover state.params (the adapters) alone.
+    adapt (LoRA): state.params (the adapters) -> the model's "lora" collection, which its projections
+    apply low-rank on top of state.base (x @ W + (x @ A) @ B, model/linear.py). Only the adapters are
+    differentiated: the base gets no gradient, and the optimizer and the norms below cover the adapters.
 
     Metrics (replicated scalars): loss (cross-entropy per target token), z_loss (its coefficient
     included), grad_norm (before clipping), param_norm (after the step), update_norm, lr (the rate of
@@ -95,7 +96,10 @@ def make_train_step(
 
     def grads_and_sums(params, base, batch):
         def objective(p):
-            sums = batch_loss_sums(model, p if merge is None else merge(base, p), batch)
+            if adapt is None:
+                sums = batch_loss_sums(model, p, batch)
+            else:  # the base is closed over, not an argument of the differentiated function
+                sums = batch_loss_sums(model, base, batch, lora=adapt(p))
             return sums["nll_sum"] + z_loss * sums["z_sum"], sums
 
         grads, sums = jax.grad(objective, has_aux=True)(params)

@@ -49,10 +49,26 @@ def test_targets_that_match_nothing_or_no_matrix_are_errors():
         lora.target_paths(lora.LoraConfig(rank=4, targets=("attn/qq_proj",)), shapes)
     with pytest.raises(ConfigError, match=r"not matrices: \['final_norm/scale \(64,\)'\]"):
         lora.target_paths(lora.LoraConfig(rank=4, targets=("^final_norm/scale$",)), shapes)
-    cfg = lora.LoraConfig(rank=4, targets=(r"attn/(q|o)_proj/kernel$", r"mlp/down_proj/kernel$", "^embed/"))
+    cfg = lora.LoraConfig(rank=4, targets=(r"attn/(q|o)_proj/kernel$", r"mlp/down_proj/kernel$"))
     assert lora.target_paths(cfg, shapes) == [
-        "embed/embedding", *(f"layers_{i}/{m}" for i in range(2)
-                             for m in ("attn/o_proj/kernel", "attn/q_proj/kernel", "mlp/down_proj/kernel"))]
+        f"layers_{i}/{m}" for i in range(2) for m in ("attn/o_proj/kernel", "attn/q_proj/kernel", "mlp/down_proj/kernel")]
+    for head in ("^embed/", "^lm_head/"):  # not projections: no low-rank path (the error names the ones that have)
+        with pytest.raises(ConfigError, match=r"which LoRA cannot adapt(.|\n)*mlp/\(gate\|up\|down\)_proj"):
+            lora.target_paths(lora.LoraConfig(rank=4, targets=(head, "q_proj/kernel$")), shapes)
+
+
+def test_adapter_param_count_and_the_train_flops_it_implies():
+    tiny = preset("tiny")  # dim 64, 4 heads (kv 2) of 16, ffn 172, 2 layers
+    cfg = lora.LoraConfig(rank=4, targets=(r"attn/(q|k|v|o)_proj/kernel$", r"mlp/down_proj/kernel$"))
+    per_layer = 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + (172 + 64))  # r * (in + out): q, k, v, o, down
+    assert lora.adapter_param_count(cfg, tiny) == 2 * per_layer
+    c = base_config("tiny")
+    c.lora.rank, c.lora.targets, c.init_from = 4, cfg.targets, "/base"
+    exp = Experiment.from_config(c)
+    n, a = tiny.matmul_param_count(), 2 * per_layer
+    assert exp.train_flops_per_token(0) == 4 * n + 6 * a  # MFU counts what LoRA computes
+    c.lora.rank = 0
+    assert Experiment.from_config(c).train_flops_per_token(0) == 6 * n
 
 
 # ---------------------------------------------------------------------- the math

@@ -109,3 +109,8 @@ def test_flops_per_token():
     assert cfg.flops_per_token(s, causal_halving=False) == 6 * n + 3 * attn_fwd
     assert cfg.flops_per_token(s) == 6 * n + 3 * attn_fwd / 2
     assert cfg.flops_per_token(s, training=False) == 2 * n + attn_fwd / 2
+    # LoRA: no weight gradients for the frozen base (4N), adapters 2a forward and 4a backward.
+    a = 1000
+    assert cfg.flops_per_token(s, adapter_params=a) == 4 * n + 3 * attn_fwd / 2 + 6 * a
+    assert cfg.flops_per_token(0, adapter_params=a) == 4 * n + 6 * a
+    assert cfg.flops_per_token(s, training=False, adapter_params=a) == 2 * n + attn_fwd / 2 + 2 * a
