@@ -169,21 +169,25 @@ def _mfu(report: Report, seconds: float | None) -> float | None:
     return report.model_flops_with_attention / (seconds * report.slice.peak_bf16_flops)
 
 
+def _secs(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 0.1 else f"{seconds * 1e3:.3f} ms"
+
+
 def _time_lines(r: Report) -> list[str]:
     """The step time (an estimate), what it implies, and its parts."""
     if r.estimate_s is None:
         out = [f"time: no estimate ({r.estimate_note})"]
     else:
-        out = [f"time (an estimate, not a measurement): {r.estimate_s:.3f} s per step, {r.mfu:.1%} MFU, "
+        out = [f"time (an estimate, not a measurement): {_secs(r.estimate_s)} per step, {r.mfu:.1%} MFU, "
                f"{r.tokens_per_s_per_chip:,.0f} tokens/s/chip; {r.estimate_note}"]
     if r.cost is not None:
         c = r.cost
-        out.append(f"  HLO model: ops {c.ops_s:.3f} s (compute-bound {c.compute_s:.3f}, memory-bound "
-                   f"{c.memory_s:.3f}), collectives {c.collectives_s:.3f} s (ICI {c.ici_s:.3f}, DCN {c.dcn_s:.3f}): "
-                   f"{c.overlapped_s:.3f} s if every collective overlaps, {c.exposed_s:.3f} s if none does")
+        out.append(f"  HLO model: ops {_secs(c.ops_s)} (compute-bound {_secs(c.compute_s)}, memory-bound "
+                   f"{_secs(c.memory_s)}), collectives {_secs(c.collectives_s)} (ICI {_secs(c.ici_s)}, DCN {_secs(c.dcn_s)}): "
+                   f"{_secs(c.overlapped_s)} if every collective overlaps, {_secs(c.exposed_s)} if none does")
     if r.compiler_s is not None:
         ratio = f"; HLO model (none overlapped) / compiler = {r.cost.exposed_s / r.compiler_s:.2f}" if r.cost else ""
-        out.append(f"  the compiler: {r.compiler_s:.3f} s ({r.compiler_note}){ratio}")
+        out.append(f"  the compiler: {_secs(r.compiler_s)} ({r.compiler_note}){ratio}")
     elif r.compiler_note:
         out.append(f"  the compiler: no estimate ({r.compiler_note})")
     return out
