@@ -650,9 +650,37 @@ def cost(hlo_text: str, chip: Chip) -> Cost:
             if kind is not None:
                 seconds, dcn = collective_seconds(kind, tiled_bytes(ins.shape), _groups_of(comps, comp, ins), chip)
                 totals["dcn" if dcn else "ici"] += n * seconds
+            elif ins.opcode == "send" and _megascale(ins):
+                kind, slices = _megascale(ins)
+                totals["dcn"] += n * _RING[kind](slices) * tiled_bytes(array_shapes_text(ins.shape)[0]) \
+                    / chip.dcn_bytes_per_s
             elif ins.opcode not in _FREE and not _collective_half(ins.opcode):
                 _add_op(comps, comp, ins, n, chip, flops_of, totals)
     return Cost(totals["compute"], totals["memory"], totals["ici"], totals["dcn"], totals["flops"], totals["bytes"])
+
+
+_MEGASCALE_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+                    "ALL_TO_ALL": "all-to-all"}
+
+
+def _megascale(ins: Instruction) -> tuple[str, int] | None:
+    """(kind, slices) of a cross-slice collective: across slices TPU programs write a collective's DCN part
+    as a host-transfer send to the megascale runtime, `_xla_megascale_transfer_type="ALL_REDUCE"`,
+    `_xla_megascale_target="{1,2}x{0:7}"` (the slices, then each slice's devices)."""
+    kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.raw_attrs)
+    target = re.search(r'_xla_megascale_target="\{([^}]*)\}', ins.raw_attrs)
+    if not kind or not target:
+        return None
+    slices = 0
+    for part in target.group(1).split(","):
+        lo, _, hi = part.partition(":")
+        slices += int(hi) - int(lo) + 1 if hi else 1
+    return _MEGASCALE_KINDS.get(kind.group(1), "collective-permute"), slices
+
+
+def array_shapes_text(shape: str) -> list[str]:
+    """Each array of an HLO shape as its own text, layout included: '(bf16[2]{0}, u32[])' -> ['bf16[2]{0}', 'u32[]']."""
+    return [m.group(0) for m in _LAYOUT_ARRAY.finditer(shape)]
 
 
 def _collective_half(opcode: str) -> bool:

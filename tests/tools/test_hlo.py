@@ -275,3 +275,19 @@ def test_tiled_bytes_pad_the_minor_dims_to_the_layouts_tile():
     assert hlo.tiled_bytes("bf16[4,8]{0,1:T(8,128)}") == 128 * 8 * BF16  # dim 0 is minor here
     assert hlo.tiled_bytes("f32[7]{0:T(1024)}") == 1024 * 4
     assert hlo.tiled_bytes("f32[2,3]") == hlo.shape_bytes("f32[2,3]") == 24
+
+
+def test_a_cross_slice_all_reduce_is_timed_over_dcn():
+    """Across slices TPU writes the DCN part of an all-reduce as a host-transfer send to the megascale
+    runtime (as compiled for 2 x v5p-16), which the time model reads as an all-reduce over the slices."""
+    text = """HloModule m
+
+ENTRY %main (x: bf16[256,1024]) -> bf16[256,1024] {
+  %x = bf16[256,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %after-all = token[] after-all()
+  %send = (bf16[256,1024]{1,0:T(8,128)(2,1)}, u32[], token[]) send(%x, %after-all), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:7}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %y = bf16[256,1024]{1,0:T(8,128)(2,1)} copy(%x)
+}"""
+    cost = hlo.cost(text, _chip(slice_of=(0,) * 8 + (1,) * 8))
+    assert cost.dcn_s == pytest.approx(2 * 1 / 2 * 256 * 1024 * BF16 / V5P.dcn_bytes_per_s)
+    assert cost.ici_s == 0 and cost.bytes == 2 * 256 * 1024 * BF16  # the copy; the send moves no HBM bytes here
