@@ -548,10 +548,13 @@ class Cost:
     dcn_s: float
     flops: float  # matmul FLOPs the ops carry (kernels' custom calls: none)
     bytes: float  # HBM bytes the ops read and write
+    # Custom-call kernels (Pallas/Mosaic) show their bytes but not their FLOPs: the caller adds their
+    # compute time when it knows their FLOPs (the planner: splash attention's, from the model).
+    kernel_s: float = 0.0
 
     @property
     def ops_s(self) -> float:
-        return self.compute_s + self.memory_s
+        return self.compute_s + self.memory_s + self.kernel_s
 
     @property
     def collectives_s(self) -> float:

@@ -182,8 +182,9 @@ def _time_lines(r: Report) -> list[str]:
                f"{r.tokens_per_s_per_chip:,.0f} tokens/s/chip; {r.estimate_note}"]
     if r.cost is not None:
         c = r.cost
+        kernel = f", attention kernel at peak {_secs(c.kernel_s)}" if c.kernel_s else ""
         out.append(f"  HLO model: ops {_secs(c.ops_s)} (compute-bound {_secs(c.compute_s)}, memory-bound "
-                   f"{_secs(c.memory_s)}), collectives {_secs(c.collectives_s)} (ICI {_secs(c.ici_s)}, DCN {_secs(c.dcn_s)}): "
+                   f"{_secs(c.memory_s)}{kernel}), collectives {_secs(c.collectives_s)} (ICI {_secs(c.ici_s)}, DCN {_secs(c.dcn_s)}): "
                    f"{_secs(c.overlapped_s)} if every collective overlaps, {_secs(c.exposed_s)} if none does")
     if r.compiler_s is not None:
         ratio = f"; HLO model (none overlapped) / compiler = {r.cost.exposed_s / r.compiler_s:.2f}" if r.cost else ""
@@ -362,10 +363,9 @@ def _estimate(exp: Experiment, devices, step: str) -> tuple[float | None, str]:
         times.append(float(cost["optimal_seconds"]))
     per_layer = times[1] - times[0]
     total = times[0] + (exp.model.num_layers - 1) * per_layer
-    if per_layer <= 0 or total <= 0:
-        # Seen across slices: the compiler's 2-layer estimate came out below its 1-layer one.
-        return None, (f"its unrolled 1- and 2-layer estimates, {times[0]:.3g} s and {times[1]:.3g} s, do not grow "
-                      "with depth, so they do not extrapolate")
+    if min(times) <= 0 or per_layer <= 0 or total <= 0:
+        # Seen across slices (libtpu 0.0.42.1): negative estimates for both, the 2-layer one the lower.
+        return None, "its unrolled 1- and 2-layer estimates are not positive and growing with depth"
     return total, f"from unrolled 1- and 2-layer compiles: {per_layer * 1e3:.1f} ms per layer"
 
 
@@ -434,6 +434,9 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
     report.collectives = {k: (c.count, c.bytes) for k, c in summary.collectives.items() if c.count}
     report.tokens = batch * report.seq_len
     report.cost = hlo.cost(compiled.as_text(), _chip(tpu, prog.mesh))
+    if report.attention_in_kernel:  # the splash kernel's FLOPs (the model's attention FLOPs) at peak
+        kernel_flops = report.model_flops_with_attention - report.model_flops
+        report.cost = dataclasses.replace(report.cost, kernel_s=kernel_flops / tpu.peak_bf16_flops)
     if estimate:
         report.compiler_s, report.compiler_note = _estimate(exp, devices, step)
     report.estimate_s, report.estimate_note = _choose_estimate(report)
