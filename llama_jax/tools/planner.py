@@ -23,6 +23,7 @@ it with libtpu, and reports per chip:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import pathlib
 import re
@@ -124,6 +125,7 @@ class Report:
             "hlo_model_s": None if self.cost is None else dataclasses.asdict(self.cost) | {
                 "overlapped_s": self.cost.overlapped_s, "exposed_s": self.cost.exposed_s},
             "compile_s": round(self.compile_s, 1), "mesh_note": self.mesh_note or None,
+            "compiler": compiler_versions(),
         }
 
     def lines(self) -> list[str]:
@@ -133,7 +135,7 @@ class Report:
             f"{s.name} x {self.num_slices} slice(s): {s.chips * self.num_slices} {s.device_kind} chips on "
             f"{s.hosts * self.num_slices} hosts, {gib(s.hbm_bytes)} HBM per chip",
             f"{self.step} step: global batch {self.batch_size} x {self.seq_len} tokens, mesh {mesh}, "
-            f"remat {self.remat_policy}; compiled in {self.compile_s:.0f} s",
+            f"remat {self.remat_policy}; compiled in {self.compile_s:.0f} s by {compiler_versions()}",
             *([self.mesh_note] if self.mesh_note else []),
             "per chip, from the shardings: " + ", ".join(f"{k} {gib(v)}" for k, v in self.ledger.items()),
         ]
@@ -161,6 +163,15 @@ class Report:
         for kind, (count, nbytes) in sorted(self.collectives.items()):
             out.append(f"  {kind}: {count} per step, {gib(nbytes)}")
         return out + _time_lines(self)
+
+
+def compiler_versions() -> str:
+    """'libtpu 0.0.42.1, jax 0.10.2': what compiled a plan, printed beside its figures (they change with it)."""
+    try:
+        libtpu = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        libtpu = "(not installed)"
+    return f"libtpu {libtpu}, jax {jax.__version__}"
 
 
 def _mfu(report: Report, seconds: float | None) -> float | None:
