@@ -61,11 +61,14 @@ def shape_bytes(shape: str) -> int:
 _LAYOUT_ARRAY = re.compile(r"([a-z]+\d*[a-z0-9]*)\[([^\]]*)\](?:\{([\d,]*)(?::([^}]*))?\})?")
 
 
-def tiled_bytes(shape: str) -> int:
+def tiled_bytes(shape: str, hbm_only: bool = False) -> int:
     """Bytes of an HLO shape as TPU HBM holds it: each array's minor dims padded to its layout's first tile
-    ('bf16[3,100]{1,0:T(8,128)(2,1)}' -> 8 x 128 x 2 B); arrays without a tiled layout as shape_bytes."""
+    ('bf16[3,100]{1,0:T(8,128)(2,1)}' -> 8 x 128 x 2 B); arrays without a tiled layout as shape_bytes.
+    hbm_only: leave out arrays that memory-space assignment put in the alternate memory (S(1), on-chip VMEM)."""
     bits = 0
     for dtype, dims, minor_to_major, attrs in _LAYOUT_ARRAY.findall(shape):
+        if hbm_only and "S(1)" in attrs:
+            continue
         dims = [int(d.lstrip("<=")) for d in dims.split(",") if d.strip()]
         tile = re.match(r"T\(([\d,]+)\)", attrs or "")
         if tile and minor_to_major:
@@ -734,17 +737,21 @@ def _op_flops(comps, ins: Instruction, shapes: Mapping[str, str], flops_of: dict
     return flops_of[name]
 
 
+def _hbm(shape: str) -> int:
+    return tiled_bytes(shape, hbm_only=True)
+
+
 def _op_bytes(comps, comp: Computation, ins: Instruction) -> int:
     """HBM bytes one top-level op reads and writes. A loop's stacked buffers (a scan's [layers, ...] params
     and saved activations) are read by dynamic-slice and written in place by dynamic-update-slice: those
     move a slice, not the buffer."""
     operands = [comp.instructions[o].shape for o in ins.operands if o in comp.instructions]
     if ins.opcode == "dynamic-slice":
-        return 2 * tiled_bytes(ins.shape)
+        return 2 * _hbm(ins.shape)
     if ins.opcode == "dynamic-update-slice":
-        return 2 * tiled_bytes(operands[1]) if len(operands) > 1 else tiled_bytes(ins.shape)
+        return 2 * _hbm(operands[1]) if len(operands) > 1 else _hbm(ins.shape)
     if ins.opcode != "fusion":
-        return tiled_bytes(ins.shape) + sum(tiled_bytes(s) for s in operands)
+        return _hbm(ins.shape) + sum(_hbm(s) for s in operands)
     inner = comps[dict(_callees(ins))["calls"]]
     return _fusion_output_bytes(inner) + sum(_parameter_bytes(inner, k, s) for k, s in enumerate(operands))
 
@@ -755,9 +762,9 @@ def _fusion_output_bytes(inner: Computation) -> int:
     total = 0
     for r in roots:
         if r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
-            total += tiled_bytes(inner.instructions[r.operands[1]].shape)
+            total += _hbm(inner.instructions[r.operands[1]].shape)
         else:
-            total += tiled_bytes(r.shape)
+            total += _hbm(r.shape)
     return total
 
 
@@ -767,10 +774,10 @@ def _parameter_bytes(inner: Computation, k: int, shape: str) -> int:
     param = next((i for i in inner.instructions.values() if i.opcode == "parameter" and i.operand_text.strip() == str(k)),
                  None)
     if param is None:
-        return tiled_bytes(shape)
+        return _hbm(shape)
     users = [i for i in inner.instructions.values() if param.name in i.operands]
     if users and all(u.opcode == "dynamic-slice" and u.operands[0] == param.name for u in users):
-        return sum(tiled_bytes(u.shape) for u in users)
+        return sum(_hbm(u.shape) for u in users)
     if users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in users):
         return 0
-    return tiled_bytes(shape)
+    return _hbm(shape)

@@ -275,6 +275,8 @@ def test_tiled_bytes_pad_the_minor_dims_to_the_layouts_tile():
     assert hlo.tiled_bytes("bf16[4,8]{0,1:T(8,128)}") == 128 * 8 * BF16  # dim 0 is minor here
     assert hlo.tiled_bytes("f32[7]{0:T(1024)}") == 1024 * 4
     assert hlo.tiled_bytes("f32[2,3]") == hlo.shape_bytes("f32[2,3]") == 24
+    # Memory space 1 is on-chip (VMEM): no HBM traffic.
+    assert hlo.tiled_bytes("(f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)})", hbm_only=True) == 4096
 
 
 def test_a_cross_slice_all_reduce_is_timed_over_dcn():
