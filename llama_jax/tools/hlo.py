@@ -577,7 +577,7 @@ class Cost:
 # Instructions that move no HBM bytes of their own (aliases, control flow, whose bodies are counted).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
          "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "async-start",
-         "async-update", "async-done", "copy-start", "copy-done", "send", "send-done", "recv", "recv-done"}
+         "async-update", "async-done", "copy-done", "send", "send-done", "recv", "recv-done"}
 
 
 def replica_groups(ins: Instruction) -> np.ndarray | None:
@@ -746,6 +746,8 @@ def _op_bytes(comps, comp: Computation, ins: Instruction) -> int:
     and saved activations) are read by dynamic-slice and written in place by dynamic-update-slice: those
     move a slice, not the buffer."""
     operands = [comp.instructions[o].shape for o in ins.operands if o in comp.instructions]
+    if ins.opcode == "copy-start":  # a prefetch into (or eviction from) on-chip memory: one HBM pass
+        return tiled_bytes(array_shapes_text(ins.shape)[0])
     if ins.opcode == "dynamic-slice":
         return 2 * _hbm(ins.shape)
     if ins.opcode == "dynamic-update-slice":
