@@ -230,7 +230,9 @@ def test_the_time_model_counts_a_matmuls_flops_at_peak(mesh):
     cost = hlo.cost(_compile(mesh, lambda x, w: x @ w, [P(), P()], P(), [(n, n), (n, n)]).as_text(), _chip())
     assert cost.flops == 2 * n**3
     assert cost.compute_s == pytest.approx(2 * n**3 / V5P.peak_bf16_flops, rel=1e-6)
-    assert cost.collectives_s == 0 and cost.memory_s < 0.05 * cost.compute_s
+    # Memory-bound ops (copies of the operands and the result to and from on-chip memory) move at most the
+    # three 8 MiB arrays.
+    assert cost.collectives_s == 0 and cost.memory_s <= 3 * n * n * BF16 / V5P.hbm_bytes_per_s
 
 
 def test_the_time_model_counts_an_elementwise_ops_bytes_at_hbm_bandwidth(mesh):
