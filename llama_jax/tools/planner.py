@@ -219,7 +219,7 @@ def _choose_estimate(r: Report) -> tuple[float | None, str]:
         mfu = _mfu(r, seconds)
         if seconds > 0 and (mfu is None or mfu <= 1):
             return seconds, note
-        rejected.append(f"{seconds:.3g} s would be {mfu:.0%} MFU")
+        rejected.append(f"{seconds:.3g} s" + ("" if mfu is None else f" would be {mfu:.0%} MFU"))
     return None, "; ".join(rejected) or "nothing to estimate from"
 
 
