@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import pathlib
 
@@ -51,7 +52,8 @@ def main() -> None:
     args = p.parse_args()
     only = set(filter(None, args.only.split(",")))
     lines = ["| model / config | slice | mesh (data x fsdp x tensor) | batch x seq | remat | peak / HBM per chip "
-             "| fits |", "|---|---|---|---|---|---|---|"]
+             "| fits | compiled by, on |", "|---|---|---|---|---|---|---|---|"]
+    stamp = f"{planner.compiler_versions()}, {datetime.date.today().isoformat()}"
     results = []
     for label, config, topology in rows():
         if only and label not in only:
@@ -62,7 +64,7 @@ def main() -> None:
         lines.append(
             f"| {label} | {topology} | {m['data']} x {m['fsdp']} x {m['tensor']} | {report.batch_size} x "
             f"{report.seq_len} | {report.remat_policy} | {report.peak_bytes / GIB:.1f} / "
-            f"{report.slice.hbm_bytes / GIB:.1f} GiB | {'yes' if report.fits else 'no'} |"
+            f"{report.slice.hbm_bytes / GIB:.1f} GiB | {'yes' if report.fits else 'no'} | {stamp} |"
         )
         results.append({"label": label, **dataclasses.asdict(report.slice), **report.to_json()})
         print(lines[-1], flush=True)

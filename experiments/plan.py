@@ -8,7 +8,8 @@
     python -m experiments.plan --config=configs/shakespeare.py --topology=v5litepod-8 --step=eval
 
 Prints the slice, the per-chip ledger, the compiler's memory analysis and headroom, compiled vs model
-FLOPs, the collectives, the compiler's time estimate where it can be trusted, and a JSON line last. Exits
+FLOPs, the collectives, an estimated step time with the MFU and tokens/s/chip it implies (the compiler's own
+where it is sound, else the roofline model of the compiled HLO, with its parts), and a JSON line last. Exits
 1 when the step does not fit. `--search` prints, per remat policy, the largest global batch that fits and
 which policy is the cheapest (least recompute) that fits the config's batch.
 """
@@ -29,7 +30,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as Cloud names it: 
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (data parallel across them).")
 _STEP = flags.DEFINE_enum("step", "train", list(planner.STEPS), "Which jitted step to compile.")
 _SEARCH = flags.DEFINE_bool("search", False, "Largest fitting global batch per remat policy.")
-_ESTIMATE = flags.DEFINE_bool("estimate", True, "Also compile 1- and 2-layer variants for a time estimate.")
+_ESTIMATE = flags.DEFINE_bool("estimate", True, "Also compile 1- and 2-layer variants for the compiler's time "
+                              "estimate (the HLO model's needs no extra compile).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "--step=decode: prompt tokens.")
 _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 1024, "--step=decode: generated tokens.")
 

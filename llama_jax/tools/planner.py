@@ -13,7 +13,10 @@ it with libtpu, and reports per chip:
 - compiled matmul FLOPs (tools/hlo.py, loops counted by their trip counts) against the model's (with LoRA
   also against a full fine-tune's 6N) and the time they take at the chip's peak;
 - the collectives in the compiled program (kind, count, bytes);
-- the compiler's time estimate and the MFU it implies, only where it can be trusted (see `_estimate`).
+- a step time, the MFU and tokens/s/chip it implies: the compiler's own estimate where it is sound (see
+  `_estimate`), otherwise the roofline model of the compiled HLO (tools/hlo.py `cost`: every op's FLOPs and
+  bytes against the chip's peak and HBM bandwidth, every collective's ring traffic over ICI or DCN), with
+  its parts; both, and their ratio, where both exist. Estimates, not measurements.
 
 `search` finds the largest global batch that fits for each remat policy.
 """
@@ -21,6 +24,7 @@ it with libtpu, and reports per chip:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import pathlib
 import re
@@ -77,8 +81,12 @@ class Report:
     full_flops: float = 0.0  # LoRA train step: a full fine-tune's 6N matmul FLOPs per chip, per step; else 0
     attention_in_kernel: bool = False
     collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    estimate_s: float | None = None
-    estimate_note: str = ""
+    estimate_s: float | None = None  # the printed step time: the compiler's if sound, else the HLO model's
+    estimate_note: str = ""  # which one, and why
+    compiler_s: float | None = None  # the compiler's estimate (unrolled 1-/2-layer extrapolation), if sound
+    compiler_note: str = ""
+    cost: hlo.Cost | None = None  # the HLO roofline model of the compiled step
+    tokens: int = 0  # per step, all chips
     model_flops_with_attention: float = 0.0
     mesh_note: str = ""  # how the config's mesh was fitted to the slice (fit_mesh), if it was
 
@@ -92,9 +100,13 @@ class Report:
 
     @property
     def mfu(self) -> float | None:
+        return _mfu(self, self.estimate_s)
+
+    @property
+    def tokens_per_s_per_chip(self) -> float | None:
         if not self.estimate_s:
             return None
-        return self.model_flops_with_attention / (self.estimate_s * self.slice.peak_bf16_flops)
+        return self.tokens / (self.estimate_s * self.slice.chips * self.num_slices)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,8 +121,14 @@ class Report:
             "recompute_ratio": round(self.matmul_flops / self.model_flops, 3) if self.model_flops and self.fits
             else None,
             "collectives": {k: {"count": c, "bytes": b} for k, (c, b) in self.collectives.items()},
-            "estimate_s": self.estimate_s, "mfu": None if self.mfu is None else round(self.mfu, 4),
+            "estimate_s": self.estimate_s, "estimate_note": self.estimate_note,
+            "mfu": None if self.mfu is None else round(self.mfu, 4),
+            "tokens_per_s_per_chip": None if self.estimate_s is None else round(self.tokens_per_s_per_chip, 1),
+            "compiler_estimate_s": self.compiler_s,
+            "hlo_model_s": None if self.cost is None else dataclasses.asdict(self.cost) | {
+                "overlapped_s": self.cost.overlapped_s, "exposed_s": self.cost.exposed_s},
             "compile_s": round(self.compile_s, 1), "mesh_note": self.mesh_note or None,
+            "compiler": compiler_versions(),
         }
 
     def lines(self) -> list[str]:
@@ -120,7 +138,7 @@ class Report:
             f"{s.name} x {self.num_slices} slice(s): {s.chips * self.num_slices} {s.device_kind} chips on "
             f"{s.hosts * self.num_slices} hosts, {gib(s.hbm_bytes)} HBM per chip",
             f"{self.step} step: global batch {self.batch_size} x {self.seq_len} tokens, mesh {mesh}, "
-            f"remat {self.remat_policy}; compiled in {self.compile_s:.0f} s",
+            f"remat {self.remat_policy}; compiled in {self.compile_s:.0f} s by {compiler_versions()}",
             *([self.mesh_note] if self.mesh_note else []),
             "per chip, from the shardings: " + ", ".join(f"{k} {gib(v)}" for k, v in self.ledger.items()),
         ]
@@ -154,12 +172,71 @@ class Report:
             )
         for kind, (count, nbytes) in sorted(self.collectives.items()):
             out.append(f"  {kind}: {count} per step, {gib(nbytes)}")
-        if self.estimate_s is None:
-            out.append(f"time: no estimate ({self.estimate_note})")
-        else:
-            out.append(f"time: the compiler estimates {self.estimate_s:.3f} s per step ({self.estimate_note}), "
-                       f"which would be {self.mfu:.1%} MFU; an estimate, not a measurement")
-        return out
+        return out + _time_lines(self)
+
+
+def compiler_versions() -> str:
+    """'libtpu 0.0.42.1, jax 0.10.2': what compiled a plan, printed beside its figures (they change with it)."""
+    try:
+        libtpu = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        libtpu = "(not installed)"
+    return f"libtpu {libtpu}, jax {jax.__version__}"
+
+
+def _mfu(report: Report, seconds: float | None) -> float | None:
+    if not seconds:
+        return None
+    return report.model_flops_with_attention / (seconds * report.slice.peak_bf16_flops)
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 0.1 else f"{seconds * 1e3:.3f} ms"
+
+
+def _time_lines(r: Report) -> list[str]:
+    """The step time (an estimate), what it implies, and its parts."""
+    if r.estimate_s is None:
+        out = [f"time: no estimate ({r.estimate_note})"]
+    else:
+        out = [f"time (an estimate, not a measurement): {_secs(r.estimate_s)} per step, {r.mfu:.1%} MFU, "
+               f"{r.tokens_per_s_per_chip:,.0f} tokens/s/chip; {r.estimate_note}"]
+    if r.cost is not None:
+        c = r.cost
+        kernel = f", attention kernel at peak {_secs(c.kernel_s)}" if c.kernel_s else ""
+        out.append(f"  HLO model: ops {_secs(c.ops_s)} (compute-bound {_secs(c.compute_s)}, memory-bound "
+                   f"{_secs(c.memory_s)}{kernel}), collectives {_secs(c.collectives_s)} (ICI {_secs(c.ici_s)}, DCN {_secs(c.dcn_s)}): "
+                   f"{_secs(c.overlapped_s)} if every collective overlaps, {_secs(c.exposed_s)} if none does")
+    if r.compiler_s is not None:
+        ratio = f"; HLO model (none overlapped) / compiler = {r.cost.exposed_s / r.compiler_s:.2f}" if r.cost else ""
+        out.append(f"  the compiler: {_secs(r.compiler_s)} ({r.compiler_note}){ratio}")
+    elif r.compiler_note:
+        out.append(f"  the compiler: no estimate ({r.compiler_note})")
+    return out
+
+
+def _choose_estimate(r: Report) -> tuple[float | None, str]:
+    """The step time to print: the compiler's where it is sound, else the HLO model with no overlap (an
+    upper bound: XLA overlaps what it can). Never one that implies an impossible MFU."""
+    candidates = []
+    if r.compiler_s is not None:
+        candidates.append((r.compiler_s, f"the compiler's own estimate ({r.compiler_note})"))
+    if r.cost is not None:
+        why = r.compiler_note or "no compiler estimate asked for"
+        candidates.append((r.cost.exposed_s, f"the HLO model, collectives not overlapped (the compiler's: {why})"))
+    rejected = []
+    for seconds, note in candidates:
+        mfu = _mfu(r, seconds)
+        if seconds > 0 and (mfu is None or mfu <= 1):
+            return seconds, note
+        rejected.append(f"{seconds:.3g} s" + ("" if mfu is None else f" would be {mfu:.0%} MFU"))
+    return None, "; ".join(rejected) or "nothing to estimate from"
+
+
+def _chip(tpu: TpuSlice, mesh) -> hlo.Chip:
+    """The chip for the HLO time model; logical device k of the program is mesh.devices.flat[k]."""
+    return hlo.Chip(tpu.peak_bf16_flops, tpu.hbm_bytes_per_s, tpu.ici_bytes_per_s, tpu.dcn_bytes_per_s,
+                    tuple(getattr(d, "slice_index", 0) for d in mesh.devices.flat))
 
 
 def _size(nbytes: float) -> str:
@@ -308,6 +385,9 @@ def _estimate(exp: Experiment, devices, step: str) -> tuple[float | None, str]:
         times.append(float(cost["optimal_seconds"]))
     per_layer = times[1] - times[0]
     total = times[0] + (exp.model.num_layers - 1) * per_layer
+    if min(times) <= 0 or per_layer <= 0 or total <= 0:
+        # Seen across slices (libtpu 0.0.42.1): negative estimates for both, the 2-layer one the lower.
+        return None, "its unrolled 1- and 2-layer estimates are not positive and growing with depth"
     return total, f"from unrolled 1- and 2-layer compiles: {per_layer * 1e3:.1f} ms per layer"
 
 
@@ -376,8 +456,14 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
     report.attention_in_kernel = (for_platform(exp.model, "tpu").attention_impl == "splash" and step != "decode"
                                   and exp.loop.seq_len % SPLASH_BLOCK_MULTIPLE == 0)
     report.collectives = {k: (c.count, c.bytes) for k, c in summary.collectives.items() if c.count}
+    report.tokens = batch * report.seq_len
+    report.cost = hlo.cost(compiled.as_text(), _chip(tpu, prog.mesh))
+    if report.attention_in_kernel:  # the splash kernel's FLOPs (the model's attention FLOPs) at peak
+        kernel_flops = report.model_flops_with_attention - report.model_flops
+        report.cost = dataclasses.replace(report.cost, kernel_s=kernel_flops / tpu.peak_bf16_flops)
     if estimate:
-        report.estimate_s, report.estimate_note = _estimate(exp, devices, step)
+        report.compiler_s, report.compiler_note = _estimate(exp, devices, step)
+    report.estimate_s, report.estimate_note = _choose_estimate(report)
     return report
 
 

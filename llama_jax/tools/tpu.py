@@ -35,6 +35,15 @@ class _Generation:
     # v5e 16 GiB - 258 MiB; v5p 96 GiB - 263 MiB (sold as "95 GB"); v6e 32 GiB - 772 MiB (260 MiB listed).
     hbm_mib: int
     peak_bf16_flops: float  # per chip, dense
+    # Bandwidths for the planner's time model (tools/hlo.py `cost`), bytes/s per chip, from Google's Cloud
+    # TPU pages (docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): HBM as listed; ICI is the pod's listed
+    # all-reduce bandwidth over its chips (v4 1.1 PB/s / 4096, v5e 51.2 TB/s / 256, v6e 102.4 TB/s / 256),
+    # which on the v5e and v6e pages is half the listed bidirectional ICI per chip, so v5p (which lists only
+    # that, 1200 GB/s) gets its half too; DCN per chip: v5p lists 50 Gbps, v5e 6.4 Tbps per 256-chip pod
+    # (2 x 100 Gbps NICs per 8-chip host); v4 and v6e list none and are given v5e's 25 Gbps.
+    hbm_bytes_per_s: float
+    ici_bytes_per_s: float
+    dcn_bytes_per_s: float
     device_kind: str  # what the abstract (and real) devices report
     shapes: dict[int, str]  # chips -> topology shape
 
@@ -52,10 +61,10 @@ def _cube_shapes(max_chips: int, extra: dict[int, str] | None = None) -> dict[in
 _LITE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 GENERATIONS: dict[str, _Generation] = {
-    "v4": _Generation(2, 31485, 275e12, "TPU v4", _cube_shapes(4096)),
-    "v5p": _Generation(2, 98041, 459e12, "TPU v5", _cube_shapes(4096, {6144: "16x16x24"})),
-    "v5e": _Generation(1, 16126, 197e12, "TPU v5 lite", _LITE_SHAPES),
-    "v6e": _Generation(1, 31996, 918e12, "TPU v6 lite", _LITE_SHAPES),
+    "v4": _Generation(2, 31485, 275e12, 1200e9, 1.1e15 / 4096, 25e9 / 8, "TPU v4", _cube_shapes(4096)),
+    "v5p": _Generation(2, 98041, 459e12, 2765e9, 600e9, 50e9 / 8, "TPU v5", _cube_shapes(4096, {6144: "16x16x24"})),
+    "v5e": _Generation(1, 16126, 197e12, 819e9, 51.2e12 / 256, 25e9 / 8, "TPU v5 lite", _LITE_SHAPES),
+    "v6e": _Generation(1, 31996, 918e12, 1638e9, 102.4e12 / 256, 25e9 / 8, "TPU v6 lite", _LITE_SHAPES),
 }
 
 # Typed prefix -> generation. "v5litepod" is the Cloud TPU accelerator type; "v5e" the name people say.
@@ -74,6 +83,9 @@ class TpuSlice:
     chips_per_host: int
     hbm_bytes: int  # per chip, as the compiler counts it (see _Generation.hbm_mib)
     peak_bf16_flops: float  # per chip
+    hbm_bytes_per_s: float  # per chip; these three: see _Generation
+    ici_bytes_per_s: float
+    dcn_bytes_per_s: float
     chips_per_host_bounds: tuple[int, int, int]  # the chip block one host owns
     chip_config_name: str | None = None  # "megacore" on v4: one device per chip, not per TensorCore
 
@@ -150,6 +162,9 @@ def parse_slice(name: str) -> TpuSlice:
         chips_per_host=chips_per_host,
         hbm_bytes=g.hbm_mib * _MIB,
         peak_bf16_flops=g.peak_bf16_flops,
+        hbm_bytes_per_s=g.hbm_bytes_per_s,
+        ici_bytes_per_s=g.ici_bytes_per_s,
+        dcn_bytes_per_s=g.dcn_bytes_per_s,
         chips_per_host_bounds=per_host,
         chip_config_name="megacore" if gen_name == "v4" else None,
     )

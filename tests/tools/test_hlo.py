@@ -214,3 +214,84 @@ def test_trip_counts_from_hand_written_hlo():
     assert summary.multipliers["body_a"] == 5 and summary.multipliers["body_b"] == 1
     assert summary.matmul_flops == 5 * 2 * 8 * 8 * 8
     assert summary.collectives["all-gather"] == hlo.Collective(5, 5 * 32 * 8 * 4)
+
+
+# ------------------------------------------------------------------------------- the time model (cost)
+
+V5P = tpu.parse_slice("v5p-8")
+
+
+def _chip(slice_of=(0, 0, 0, 0)):
+    return hlo.Chip(V5P.peak_bf16_flops, V5P.hbm_bytes_per_s, V5P.ici_bytes_per_s, V5P.dcn_bytes_per_s, slice_of)
+
+
+def test_the_time_model_counts_a_matmuls_flops_at_peak(mesh):
+    n = 2048  # 17 GFLOP against 24 MiB: compute-bound on any TPU
+    cost = hlo.cost(_compile(mesh, lambda x, w: x @ w, [P(), P()], P(), [(n, n), (n, n)]).as_text(), _chip())
+    assert cost.flops == 2 * n**3
+    assert cost.compute_s == pytest.approx(2 * n**3 / V5P.peak_bf16_flops, rel=1e-6)
+    # Memory-bound ops (copies of the operands and the result to and from on-chip memory) move at most the
+    # three 8 MiB arrays.
+    assert cost.collectives_s == 0 and cost.memory_s <= 3 * n * n * BF16 / V5P.hbm_bytes_per_s
+
+
+def test_the_time_model_counts_an_elementwise_ops_bytes_at_hbm_bandwidth(mesh):
+    cost = hlo.cost(_compile(mesh, lambda x: x * 2 + 1, [P()], P(), [(1024, 1024)], jnp.float32).as_text(), _chip())
+    assert cost.flops == 0 and cost.compute_s == 0
+    assert cost.bytes == 2 * 1024 * 1024 * 4  # read once, written once: one fused op
+    assert cost.memory_s == pytest.approx(cost.bytes / V5P.hbm_bytes_per_s)
+
+
+def test_the_time_model_times_an_all_reduce_by_its_ring_traffic_over_ici_or_dcn(mesh):
+    text = _compile(mesh, lambda x, w: x @ w, [P(None, "x"), P("x", None)], P(), [(256, 512), (512, 1024)]).as_text()
+    ring = 2 * 3 / 4 * 256 * 1024 * BF16  # all-reduce over 4 chips: 2 (n - 1) / n of the result per chip
+    ici = hlo.cost(text, _chip())
+    assert ici.ici_s == pytest.approx(ring / V5P.ici_bytes_per_s) and ici.dcn_s == 0
+    dcn = hlo.cost(text, _chip(slice_of=(0, 0, 1, 1)))  # the same group, across two slices
+    assert dcn.dcn_s == pytest.approx(ring / V5P.dcn_bytes_per_s) and dcn.ici_s == 0
+    assert ici.overlapped_s == max(ici.ops_s, ici.collectives_s) and ici.exposed_s == ici.ops_s + ici.collectives_s
+
+
+def test_replica_groups_in_every_spelling():
+    text = """HloModule m
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %a = f32[8]{0} all-reduce(%x), channel_id=1, replica_groups={{0,2},{1,3}}, to_apply=%add
+  %b = f32[8]{0} all-reduce(%x), channel_id=2, replica_groups=[2,4]<=[4,2]T(1,0), to_apply=%add
+  %c = f32[8]{0} all-reduce(%x), channel_id=3, replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([4,2]T(1,0)) {'axis_0'}, to_apply=%add
+  ROOT %d = f32[8]{0} all-reduce(%x), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+}"""
+    ins = hlo.parse(text)["main"].instructions
+    groups = {k: hlo.replica_groups(ins[k]).tolist() for k in "abcd"}
+    assert groups["a"] == [[0, 2], [1, 3]]
+    assert groups["b"] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # iota 0..7 as [4,2], transposed, in rows of 4
+    # Mesh position (i, j) holds device_ids [4,2]T(1,0) = [[0,2],[4,6],[1,3],[5,7]][i][j]; a group runs over
+    # axis_0 at fixed axis_1 (XLA's MeshAxesReplicaGroupList).
+    assert groups["c"] == [[0, 4, 1, 5], [2, 6, 3, 7]]
+    assert groups["d"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_tiled_bytes_pad_the_minor_dims_to_the_layouts_tile():
+    assert hlo.tiled_bytes("bf16[3,100]{1,0:T(8,128)(2,1)}") == 8 * 128 * BF16
+    assert hlo.tiled_bytes("bf16[4,8]{0,1:T(8,128)}") == 128 * 8 * BF16  # dim 0 is minor here
+    assert hlo.tiled_bytes("f32[7]{0:T(1024)}") == 1024 * 4
+    assert hlo.tiled_bytes("f32[2,3]") == hlo.shape_bytes("f32[2,3]") == 24
+    # Memory space 1 is on-chip (VMEM): no HBM traffic.
+    assert hlo.tiled_bytes("(f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)})", hbm_only=True) == 4096
+
+
+def test_a_cross_slice_all_reduce_is_timed_over_dcn():
+    """Across slices TPU writes the DCN part of an all-reduce as a host-transfer send to the megascale
+    runtime (as compiled for 2 x v5p-16), which the time model reads as an all-reduce over the slices."""
+    text = """HloModule m
+
+ENTRY %main (x: bf16[256,1024]) -> bf16[256,1024] {
+  %x = bf16[256,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %after-all = token[] after-all()
+  %send = (bf16[256,1024]{1,0:T(8,128)(2,1)}, u32[], token[]) send(%x, %after-all), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:7}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %y = bf16[256,1024]{1,0:T(8,128)(2,1)} copy(%x)
+}"""
+    cost = hlo.cost(text, _chip(slice_of=(0,) * 8 + (1,) * 8))
+    assert cost.dcn_s == pytest.approx(2 * 1 / 2 * 256 * 1024 * BF16 / V5P.dcn_bytes_per_s)
+    assert cost.ici_s == 0 and cost.bytes == 2 * 256 * 1024 * BF16  # the copy; the send moves no HBM bytes here

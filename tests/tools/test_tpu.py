@@ -57,6 +57,13 @@ def test_generation_numbers():
         275e12, 197e12, 459e12, 918e12]
     gib = [tpu.parse_slice(n).hbm_bytes / 2**30 for n in ("v4-8", "v5litepod-8", "v5p-8", "v6e-8")]
     assert gib == pytest.approx([30.75, 15.75, 95.74, 31.25], abs=0.006)  # as the compiler prints them
+    # The time model's ICI figure is half the bidirectional ICI per chip Google lists (v5e 400 GB/s, v5p
+    # 1200, v6e 800), which the v5e and v6e pages' pod all-reduce bandwidth over 256 chips also gives.
+    ici = [tpu.parse_slice(n).ici_bytes_per_s for n in ("v5litepod-8", "v5p-8", "v6e-8")]
+    assert ici == pytest.approx([400e9 / 2, 1200e9 / 2, 800e9 / 2])
+    for n in ("v4-8", "v5litepod-8", "v5p-8", "v6e-8"):  # each link slower than the last: HBM > ICI > DCN
+        s = tpu.parse_slice(n)
+        assert s.hbm_bytes_per_s > s.ici_bytes_per_s > 10 * s.dcn_bytes_per_s > 0
 
 
 @pytest.mark.parametrize("bad", ["v5p-100", "v5p-6", "v5litepod-2", "v6e-512", "v7-8", "tpu-8", "v5p", ""])
