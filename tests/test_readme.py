@@ -4,6 +4,7 @@ written: its flags exist, and its --config file loads with every --config.* over
 The main job and the test command themselves run in .ci/run; the benchmarks' --quick runs in
 tests/test_benchmarks.py. Commands with placeholders for the reader's own files (configs/X.py) are skipped."""
 
+import pathlib
 import re
 import shlex
 import subprocess
@@ -148,6 +149,28 @@ def _runs_here(step: str) -> bool:
     return all(p.startswith("/tmp/") or (REPO / p).exists() for p in named)
 
 
+def _tmp_fields(config, prefix="config") -> dict[str, str]:
+    """`--config.X` flag -> value for every string field of a config that names a /tmp path (a config file's own
+    defaults, e.g. configs/sft_task.py's /tmp/task_add), so that the test can move them with the command's."""
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(_tmp_fields(value, f"{prefix}.{key}"))
+        elif isinstance(value, str) and "/tmp/" in value:
+            out[f"--{prefix}.{key}"] = value
+    return out
+
+
+def _moved(args: list[str], tmp_path) -> list[str]:
+    """args with the /tmp paths of their config file's own fields moved into tmp_path, as the command's are."""
+    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=configs/")), None)
+    fields = _tmp_fields(load_config(pathlib.Path(config).stem)) if config else {}
+    if args[0] == "experiments.sweep":  # it takes --set=FIELD=VALUE, not --config.FIELD=VALUE
+        fields = {"--set=" + k.removeprefix("--config."): v for k, v in fields.items()}
+    given = {a.rsplit("=", 1)[0] for a in args}
+    return args + [f"{k}={v.replace('/tmp/', f'{tmp_path}/')}" for k, v in fields.items() if k not in given]
+
+
 @pytest.mark.slow
 def test_the_readme_walkthrough_runs_with_tiny_step_counts(tmp_path, tfds_manual_dir, tfds_data_dir):
     """Every README command that needs nothing but this repo and ../shared runs, top to bottom as a reader
@@ -166,7 +189,7 @@ def test_the_readme_walkthrough_runs_with_tiny_step_counts(tmp_path, tfds_manual
         if step.startswith(("mkdir ", "cp ")):
             subprocess.run(here, shell=True, cwd=REPO, check=True)
             continue
-        args = _quick(shlex.split(here.removeprefix("python -m ")))
+        args = _moved(_quick(shlex.split(here.removeprefix("python -m "))), tmp_path)
         r = run_module(*args, timeout=600, env=env)
         assert r.returncode == 0, f"README: {step}\nran as: {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     scripts = {s.split()[2] for s in ran if s.startswith("python")}
