@@ -209,6 +209,7 @@ def test_hf_imported_workdir(hf_tiny_workdir, tmp_path):
     assert got["bits_per_byte"] == pytest.approx(nll.sum() / (len(TEXT.encode()) * math.log(2)), rel=1e-5)
 
 
+@pytest.mark.slow  # 13 s: two eval_ppl subprocesses
 def test_an_imported_workdir_says_which_seq_len_and_batch_it_scored(hf_tiny_workdir, trained_tiny_workdir, tmp_path,
                                                                     caplog):
     f = tmp_path / "t.txt"
