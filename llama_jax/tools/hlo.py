@@ -19,6 +19,7 @@ Pallas/Mosaic kernels (custom calls) contribute no FLOPs we can see, only a coun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections import defaultdict
@@ -417,19 +418,26 @@ def _collective_kind(opcode: str) -> str | None:
     return base if base in COLLECTIVE_KINDS else None
 
 
-def analyze(hlo_text: str) -> HloSummary:
-    """Loops, per-computation execution counts, collectives, matmul FLOPs and custom calls of one
-    compiled program (the optimized HLO of one chip; SPMD programs are the same on every chip)."""
+@functools.lru_cache(maxsize=1)  # the planner reads one program twice: analyze, then cost
+def _program(hlo_text: str):
+    """(computations, while loops, executions per run of each computation, reduce-scatter fusions) of one
+    compiled program; read-only for the callers."""
     comps = parse(hlo_text)
     entry = next((c for c in comps.values() if c.is_entry), None)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     loops, edges = _call_graph(comps)
     multipliers = _multipliers(comps, entry.name, edges)
+    return comps, loops, multipliers, {c.name for c in comps.values() if _is_reduce_scatter(c)}
+
+
+def analyze(hlo_text: str) -> HloSummary:
+    """Loops, per-computation execution counts, collectives, matmul FLOPs and custom calls of one
+    compiled program (the optimized HLO of one chip; SPMD programs are the same on every chip)."""
+    comps, loops, multipliers, rs_comps = _program(hlo_text)
     collectives = {kind: [0, 0] for kind in COLLECTIVE_KINDS}
     custom_calls: dict[str, int] = defaultdict(int)
     flops = 0
-    rs_comps = {c.name for c in comps.values() if _is_reduce_scatter(c)}
     for comp in comps.values():
         n = multipliers[comp.name]
         if n == 0:
@@ -447,7 +455,7 @@ def analyze(hlo_text: str) -> HloSummary:
                 flops += n * _matmul_flops(ins, shapes)
     return HloSummary(
         loops=tuple(loops),
-        multipliers=multipliers,
+        multipliers=dict(multipliers),
         collectives={k: Collective(count, nbytes) for k, (count, nbytes) in collectives.items()},
         matmul_flops=flops,
         custom_calls=dict(custom_calls),
@@ -637,14 +645,8 @@ def collective_seconds(kind: str, result_bytes: int, groups: np.ndarray | None, 
 
 def cost(hlo_text: str, chip: Chip) -> Cost:
     """The roofline time model of one compiled program (see Cost), loops counted by their trip counts."""
-    comps = parse(hlo_text)
-    entry = next((c for c in comps.values() if c.is_entry), None)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    _, edges = _call_graph(comps)
-    multipliers = _multipliers(comps, entry.name, edges)
+    comps, _, multipliers, rs_comps = _program(hlo_text)
     fused = _fused_computations(comps)
-    rs_comps = {c.name for c in comps.values() if _is_reduce_scatter(c)}
     flops_of: dict[str, int] = {}
     totals = dict.fromkeys(("compute", "memory", "ici", "dcn", "flops", "bytes"), 0.0)
     for comp in comps.values():

@@ -447,7 +447,8 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
         # does not); otherwise the sum, which is an upper bound: not every buffer is live at once.
         "peak": getattr(m, "peak_memory_in_bytes", None) or total,
     }
-    summary = hlo.analyze(compiled.as_text())
+    text = compiled.as_text()
+    summary = hlo.analyze(text)
     report.matmul_flops = summary.matmul_flops
     report.model_flops, report.model_flops_with_attention = _model_flops(
         exp, step, batch, len(devices), decode_lengths)
@@ -457,7 +458,7 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
                                   and exp.loop.seq_len % SPLASH_BLOCK_MULTIPLE == 0)
     report.collectives = {k: (c.count, c.bytes) for k, c in summary.collectives.items() if c.count}
     report.tokens = batch * report.seq_len
-    report.cost = hlo.cost(compiled.as_text(), _chip(tpu, prog.mesh))
+    report.cost = hlo.cost(text, _chip(tpu, prog.mesh))
     if report.attention_in_kernel:  # the splash kernel's FLOPs (the model's attention FLOPs) at peak
         kernel_flops = report.model_flops_with_attention - report.model_flops
         report.cost = dataclasses.replace(report.cost, kernel_s=kernel_flops / tpu.peak_bf16_flops)

@@ -14,12 +14,9 @@ from llama_jax.errors import DataError
 from llama_jax.inference import harness
 from llama_jax.inference.sampling import continuation_text
 from llama_jax.train import read_metrics
-from tests.helpers import load_config, run_module, train_config
+from tests.helpers import SHAKESPEARE, load_config, run_module, train_config
 
-TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are all "
-        "resolved rather to die than to famish? All: Resolved. resolved. First Citizen: First, you know Caius "
-        "Marcius is chief enemy to the people. All: We know't, we know't. First Citizen: Let us kill him, and "
-        "we'll have corn at our own price. Is't a verdict? All: No more talking on't; let it be done: away, away!")
+TEXT = SHAKESPEARE.read_text(encoding="utf-8")[:600]  # several of the tiny model's windows
 
 
 @pytest.fixture(scope="module")
