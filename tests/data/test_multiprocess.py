@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from tests.data.test_files import write_shard
-from tests.helpers import REPO
-from tests.train.test_multihost import free_port
+from tests.helpers import REPO, free_port
 
 WORKER = REPO / "tests" / "data" / "data_worker.py"
 
