@@ -41,6 +41,25 @@ def reference_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**REFERENCE, **overrides})
 
 
+def add_reference_args(p) -> None:
+    """The train benchmarks' model and batch flags, defaulting to the reference config at batch 16 x seq 256."""
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dim", type=int, default=REFERENCE["dim"])
+    p.add_argument("--layers", type=int, default=REFERENCE["num_layers"])
+    p.add_argument("--heads", type=int, default=REFERENCE["num_heads"])
+    p.add_argument("--ffn", type=int, default=REFERENCE["ffn_dim"])
+    p.add_argument("--vocab", type=int, default=REFERENCE["vocab_size"])
+
+
+def reference_config_of(a) -> ModelConfig:
+    """The model those flags name; `--quick` shrinks it to a 2-layer d128 model at batch 4 x seq 128."""
+    if a.quick:
+        a.batch, a.seq, a.dim, a.layers, a.heads, a.ffn, a.vocab = 4, 128, 128, 2, 4, 352, 1024
+    return reference_config(dim=a.dim, num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads, ffn_dim=a.ffn,
+                            vocab_size=a.vocab, max_seq_len=max(a.seq, 256))
+
+
 def small_decode_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**SMALL_DECODE, **overrides})
 

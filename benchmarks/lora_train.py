@@ -53,22 +53,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (full, LoRA, full, ...)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=4096)
+    common.add_reference_args(p)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--base_dtype", default="", choices=lora.config.BASE_DTYPES, help="LoRA's frozen base dtype")
     p.add_argument("--quick", action="store_true", help="smoke run: a 2-layer d128 model, batch 4")
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.rounds, a.batch, a.seq, a.dim, a.layers, a.heads, a.ffn, a.vocab = 3, 1, 4, 128, 128, 2, 4, 352, 1024
-
-    cfg = common.reference_config(dim=a.dim, num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads,
-                                  ffn_dim=a.ffn, vocab_size=a.vocab, max_seq_len=max(a.seq, 256))
+        a.steps, a.rounds = 3, 1
+    cfg = common.reference_config_of(a)
     lora_cfg = lora.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS, base_dtype=a.base_dtype)
     print(f"machine: {common.machine()}")
     print(f"model: {cfg.param_count() / 1e6:.1f}M params d{cfg.dim} L{cfg.num_layers} ffn{cfg.ffn_dim} "

@@ -166,25 +166,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed steady steps per side (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=4096)
+    common.add_reference_args(p)
     p.add_argument("--hf_attn", default="sdpa", choices=("sdpa", "eager"), help="HF attention implementation")
     p.add_argument("--quick", action="store_true", help="smoke run: a 2-layer d128 model, batch 4, 3 steps")
     p.add_argument("--profile", action="store_true", help="also time the parts of our step")
     p.add_argument("--skip_peer", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.warmup, a.batch, a.seq, a.dim, a.layers, a.heads, a.ffn, a.vocab = 3, 1, 4, 128, 128, 2, 4, 352, 1024
-
-    cfg = common.reference_config(
-        dim=a.dim, num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads, ffn_dim=a.ffn,
-        vocab_size=a.vocab, max_seq_len=max(a.seq, 256),
-    )
+        a.steps, a.warmup = 3, 1
+    cfg = common.reference_config_of(a)
     info = common.machine()
     print(f"machine: {info}")
     print(f"model: {cfg.param_count() / 1e6:.1f}M params  d{cfg.dim} L{cfg.num_layers} h{cfg.num_heads} "
