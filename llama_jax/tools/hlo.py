@@ -335,7 +335,8 @@ class Collective:
 class HloSummary:
     loops: tuple[Loop, ...]
     multipliers: Mapping[str, int]  # computation -> executions per program run (0: unreachable)
-    collectives: Mapping[str, Collective]  # every kind in COLLECTIVE_KINDS
+    # Every kind in COLLECTIVE_KINDS, and "<kind> across slices" for each kind a multi-slice program sends over DCN.
+    collectives: Mapping[str, Collective]
     matmul_flops: int  # per chip per program run
     custom_calls: Mapping[str, int]  # custom_call_target -> executions
 
@@ -445,7 +446,12 @@ def analyze(hlo_text: str) -> HloSummary:
         shapes = {i.name: i.shape for i in comp.instructions.values()}
         for ins in comp.instructions.values():
             kind = _collective_of(ins, comp.name, rs_comps)
-            if kind is not None:
+            if ins.opcode == "send" and _megascale(ins):  # the DCN part of a collective across slices
+                kind = f"{_megascale(ins)[0]} across slices"
+                collectives.setdefault(kind, [0, 0])
+                collectives[kind][0] += n
+                collectives[kind][1] += n * shape_bytes(array_shapes_text(ins.shape)[0])
+            elif kind is not None:
                 collectives[kind][0] += n
                 collectives[kind][1] += n * shape_bytes(ins.shape)
             elif ins.opcode == "custom-call":
@@ -613,6 +619,14 @@ def replica_groups(ins: Instruction) -> np.ndarray | None:
     return None
 
 
+def source_target_pairs(ins: Instruction) -> np.ndarray | None:
+    """A collective-permute's [pairs, 2] (source, target) logical device ids: which chips each hop joins."""
+    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.raw_attrs)
+    if not m:
+        return None
+    return np.array([[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]).reshape(-1, 2)
+
+
 def _iota(dims: str, perm: str | None) -> np.ndarray:
     shape = [int(d) for d in dims.split(",")]
     grid = np.arange(math.prod(shape)).reshape(shape)
@@ -631,7 +645,7 @@ _RING = {
 
 def collective_seconds(kind: str, result_bytes: int, groups: np.ndarray | None, chip: Chip) -> tuple[float, bool]:
     """(seconds, over DCN) for one collective of `kind` whose result is `result_bytes` per chip."""
-    if groups is None:  # a permute, or every device
+    if groups is None:  # every device
         n, spans = max(len(chip.slice_of), 2), len(set(chip.slice_of)) > 1
     else:
         n = groups.shape[1]
@@ -697,13 +711,15 @@ def _collective_half(opcode: str) -> bool:
 
 
 def _groups_of(comps, comp: Computation, ins: Instruction) -> np.ndarray | None:
-    """The replica groups of a collective instruction: a '-done' has them on its '-start', a reduce-scatter
-    fusion on the all-reduce inside it."""
+    """The replica groups of a collective instruction (a permute's source-target pairs, each a group of two):
+    a '-done' has them on its '-start', a reduce-scatter fusion on the all-reduce inside it."""
     if ins.opcode.endswith("-done") and ins.operands and ins.operands[0] in comp.instructions:
-        return replica_groups(comp.instructions[ins.operands[0]])
+        return _groups_of(comps, comp, comp.instructions[ins.operands[0]])
     if ins.opcode == "fusion":
         inner = comps[dict(_callees(ins))["calls"]]
         return next((replica_groups(i) for i in inner.instructions.values() if i.opcode == "all-reduce"), None)
+    if ins.opcode.startswith("collective-permute"):
+        return source_target_pairs(ins)
     return replica_groups(ins)
 
 

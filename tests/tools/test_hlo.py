@@ -295,3 +295,24 @@ ENTRY %main (x: bf16[256,1024]) -> bf16[256,1024] {
     cost = hlo.cost(text, _chip(slice_of=(0,) * 8 + (1,) * 8))
     assert cost.dcn_s == pytest.approx(2 * 1 / 2 * 256 * 1024 * BF16 / V5P.dcn_bytes_per_s)
     assert cost.ici_s == 0 and cost.bytes == 2 * 256 * 1024 * BF16  # the copy; the send moves no HBM bytes here
+    # The plan lists it among the collectives, by its DCN part.
+    assert hlo.analyze(text).collectives["all-reduce across slices"] == hlo.Collective(1, 256 * 1024 * BF16)
+
+
+def test_a_permute_within_a_slice_is_timed_over_ici_in_a_multi_slice_program():
+    """A collective-permute crosses slices only if one of its hops does: the tensor-axis rings of a 2-slice
+    program (as compiled for 2 x v5p-128) stay on ICI; it was charged at DCN bandwidth, 9 of 11.7 s a step."""
+    text = """HloModule m
+
+ENTRY %main (x: bf16[64,1024]) -> bf16[64,1024] {
+  %x = bf16[64,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %s = (bf16[64,1024]{1,0:T(8,128)(2,1)}, bf16[64,1024]{1,0:T(8,128)(2,1)}) collective-permute-start(%x), channel_id=1, source_target_pairs={{0,1},{1,0},{2,3},{3,2}}
+  %a = bf16[64,1024]{1,0:T(8,128)(2,1)} collective-permute-done(%s)
+  %t = (bf16[64,1024]{1,0:T(8,128)(2,1)}, bf16[64,1024]{1,0:T(8,128)(2,1)}) collective-permute-start(%a), channel_id=2, source_target_pairs={{0,2},{1,3},{2,0},{3,1}}
+  ROOT %b = bf16[64,1024]{1,0:T(8,128)(2,1)} collective-permute-done(%t)
+}"""
+    assert hlo.source_target_pairs(hlo.parse(text)["main"].instructions["s"]).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+    hop = 64 * 1024 * BF16  # a permute sends its result once
+    cost = hlo.cost(text, _chip(slice_of=(0, 0, 1, 1)))
+    assert cost.ici_s == pytest.approx(hop / V5P.ici_bytes_per_s)  # %a: 0<->1 and 2<->3, each within a slice
+    assert cost.dcn_s == pytest.approx(hop / V5P.dcn_bytes_per_s)  # %b: 0<->2 and 1<->3 cross
