@@ -72,6 +72,7 @@ def maxtext_memory(
     tensor: int,
     remat: str,
     num_slices: int = 1,
+    hlo_out: str = "",
     python: str = sys.executable,
     timeout_s: float = 3600,
 ) -> dict:
@@ -79,7 +80,8 @@ def maxtext_memory(
 
     topology: MaxText's name (`v5p-128`, `v6e-256`) or generation:shape (`v5p:4x4x4`). remat: a MaxText
     `remat_policy` (full, minimal, save_qkv_proj, save_dot_except_mlp, ...). python: an interpreter of
-    the MaxText venv. Returns peak_bytes, total_bytes, temp_bytes, argument_bytes, output_bytes, alias_bytes,
+    the MaxText venv. hlo_out: a path to write the compiled step's HLO text to (benchmarks/tpu_plan.py times
+    it with the same HLO model as ours). Returns peak_bytes, total_bytes, temp_bytes, argument_bytes, output_bytes, alias_bytes,
     fits, compile_s (MaxText's lower + compile, seconds) and hbm_bytes; see the module docstring.
     """
     flags = {
@@ -90,6 +92,7 @@ def maxtext_memory(
         "tensor": tensor,
         "remat": remat,
         "num-slices": num_slices,
+        "hlo-out": hlo_out,
     }
     cmd = [python, os.path.abspath(__file__), "--in-process"]
     for flag, value in flags.items():
@@ -146,7 +149,8 @@ def _required_bytes(message: str) -> int | None:
 
 
 def _compile_here(
-    topology: str, *, global_batch: int, seq_len: int, fsdp: int, tensor: int, remat: str, num_slices: int
+    topology: str, *, global_batch: int, seq_len: int, fsdp: int, tensor: int, remat: str, num_slices: int,
+    hlo_out: str,
 ) -> dict:
     """The compile itself; MaxText's globals make this one call per process."""
     from maxtext.trainers.pre_train import train_compile
@@ -200,6 +204,9 @@ def _compile_here(
         sizes = dict.fromkeys(("total_bytes", "temp_bytes", "argument_bytes", "output_bytes", "alias_bytes"))
         out = {"peak_bytes": _required_bytes(str(e)), **sizes, "fits": False}
     else:
+        if hlo_out:
+            with open(hlo_out, "w") as f:
+                f.write(compiled["step"].as_text())
         stats = compiled["step"].memory_analysis()
         total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
         out = {
@@ -223,6 +230,7 @@ def main(argv=None):
     p.add_argument("--tensor", type=int, default=1)
     p.add_argument("--remat", default="full", help="MaxText remat_policy")
     p.add_argument("--num-slices", type=int, default=1)
+    p.add_argument("--hlo-out", default="", help="write the compiled step's HLO text here")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the subprocess side
     a = p.parse_args(argv)
     kw = dict(
@@ -232,6 +240,7 @@ def main(argv=None):
         tensor=a.tensor,
         remat=a.remat,
         num_slices=a.num_slices,
+        hlo_out=a.hlo_out,
     )
     if a.in_process:
         os.environ.update(_ENV)

@@ -11,11 +11,13 @@ the LM head + loss in 512-token chunks; MaxText is its own `train_compile` of `l
 attention (benchmarks/maxtext_compile.py). Cases:
 - equal: global batch 256, full remat, on fsdp 16 x tensor 4 and on fsdp 64: peak HBM per chip (the
   compiler's peak, which is what it checks against HBM, and the arguments + outputs + temporaries -
-  aliases sum), ours / MaxText;
+  aliases sum), ours / MaxText; and the step time of both compiled programs by the same yardstick, the HLO
+  model (`llama_jax.tools.hlo.cost`: each op at max(FLOPs / peak, bytes / HBM bandwidth), each collective's
+  ring traffic over ICI, both attention kernels at the model's attention FLOPs at peak);
 - batch: the largest fitting global batch at fsdp 64 for full remat and for the policy that saves every
   projection (ours save_dots, MaxText minimal), both found by `planner.largest_fitting`;
 - ours only: the compiled matmul FLOPs against the model's (the recompute overhead) and the compiler's
-  time estimate (from unrolled 1- and 2-layer compiles; MaxText exposes no comparable figure).
+  time estimate (from unrolled 1- and 2-layer compiles; MaxText's train_compile exposes no such variants).
 Prints a table and one JSON line.
 """
 
@@ -25,10 +27,11 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 
 from benchmarks.maxtext_compile import maxtext_memory
 from llama_jax.experiment import Experiment, base_config
-from llama_jax.tools import planner
+from llama_jax.tools import hlo, planner
 
 TOPOLOGY, SEQ, BATCH = "v5p-128", 8192, 256
 GIB = planner.GIB
@@ -43,16 +46,27 @@ def ours(*, batch: int, fsdp: int, tensor: int, remat: str, estimate: bool = Fal
     return planner.plan(Experiment.from_config(c), TOPOLOGY, estimate=estimate)
 
 
-def theirs(*, batch: int, fsdp: int, tensor: int, remat: str) -> dict:
+def theirs(*, batch: int, fsdp: int, tensor: int, remat: str, hlo_out: str = "") -> dict:
     return maxtext_memory(TOPOLOGY, global_batch=batch, seq_len=SEQ, fsdp=fsdp, tensor=tensor, remat=remat,
-                          python=sys.executable)
+                          hlo_out=hlo_out, python=sys.executable)
+
+
+def maxtext_time(hlo_text: str, ours_report: planner.Report) -> hlo.Cost:
+    """MaxText's compiled step timed by the HLO model ours is timed by (one slice: no DCN). Its flash attention
+    is a Mosaic kernel whose FLOPs the HLO does not show either: both get the same model's attention FLOPs at
+    peak (ours' kernel_s)."""
+    t = planner.parse_slice(TOPOLOGY)
+    chip = hlo.Chip(t.peak_bf16_flops, t.hbm_bytes_per_s, t.ici_bytes_per_s, t.dcn_bytes_per_s)
+    return dataclasses.replace(hlo.cost(hlo_text, chip), kernel_s=ours_report.cost.kernel_s)
 
 
 def equal_cases() -> list[dict]:
     rows = []
     for fsdp, tensor in ((16, 4), (64, 1)):
         r = ours(batch=BATCH, fsdp=fsdp, tensor=tensor, remat="full", estimate=fsdp == 64)
-        m = theirs(batch=BATCH, fsdp=fsdp, tensor=tensor, remat="full")
+        with tempfile.NamedTemporaryFile(suffix=".hlo") as f:
+            m = theirs(batch=BATCH, fsdp=fsdp, tensor=tensor, remat="full", hlo_out=f.name)
+            mt = maxtext_time(f.read().decode(), r)
         rows.append({
             "mesh": f"fsdp {fsdp} x tensor {tensor}", "ours_peak_gib": r.memory["peak"] / GIB,
             "ours_total_gib": r.memory["total"] / GIB, "maxtext_peak_gib": m["peak_bytes"] / GIB,
@@ -60,9 +74,17 @@ def equal_cases() -> list[dict]:
             "total_ratio": r.memory["total"] / m["total_bytes"],
             "ours_recompute": r.matmul_flops / r.model_flops, "ours_estimate_s": r.estimate_s,
             "ours_estimate_mfu": r.mfu, "ours_compile_s": r.compile_s, "maxtext_compile_s": m["compile_s"],
+            "ours_hlo_s": r.cost.exposed_s, "maxtext_hlo_s": mt.exposed_s,
+            "ours_hlo_overlapped_s": r.cost.overlapped_s, "maxtext_hlo_overlapped_s": mt.overlapped_s,
+            "time_ratio": r.cost.exposed_s / mt.exposed_s, "ours_parts": _parts(r.cost), "maxtext_parts": _parts(mt),
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _parts(c: hlo.Cost) -> dict:
+    return {"compute_s": c.compute_s, "memory_s": c.memory_s, "kernel_s": c.kernel_s, "ici_s": c.ici_s,
+            "flops": c.flops, "bytes": c.bytes}
 
 
 def batch_cases(max_compiles: int) -> list[dict]:
@@ -99,6 +121,14 @@ def main() -> None:
     for r in equal:
         print(f"| {r['mesh']} | {r['ours_peak_gib']:.2f} | {r['maxtext_peak_gib']:.2f} | {r['peak_ratio']:.2f} | "
               f"{r['ours_total_gib']:.2f} | {r['maxtext_total_gib']:.2f} |")
+    if equal:
+        print("\nstep time, the HLO model on both compiled programs (estimates, not measurements), seconds")
+        print("| mesh, remat full, batch 256 | ours | MaxText | ours/MaxText | ours, every collective overlapped | "
+              "MaxText, overlapped |")
+        print("|---|---|---|---|---|---|")
+        for r in equal:
+            print(f"| {r['mesh']} | {r['ours_hlo_s']:.3f} | {r['maxtext_hlo_s']:.3f} | {r['time_ratio']:.3f} | "
+                  f"{r['ours_hlo_overlapped_s']:.3f} | {r['maxtext_hlo_overlapped_s']:.3f} |")
     if batch:
         print("\n| remat (ours / MaxText), fsdp 64 | ours largest batch | MaxText largest batch | ratio |")
         print("|---|---|---|---|")
