@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 
@@ -60,13 +61,14 @@ def maxtext_time(hlo_text: str, ours_report: planner.Report) -> hlo.Cost:
     return dataclasses.replace(hlo.cost(hlo_text, chip), kernel_s=ours_report.cost.kernel_s)
 
 
-def equal_cases() -> list[dict]:
+def equal_cases(hlo_dir: str) -> list[dict]:
     rows = []
     for fsdp, tensor in ((16, 4), (64, 1)):
         r = ours(batch=BATCH, fsdp=fsdp, tensor=tensor, remat="full", estimate=fsdp == 64)
-        with tempfile.NamedTemporaryFile(suffix=".hlo") as f:
-            m = theirs(batch=BATCH, fsdp=fsdp, tensor=tensor, remat="full", hlo_out=f.name)
-            mt = maxtext_time(f.read().decode(), r)
+        path = os.path.join(hlo_dir, f"maxtext_fsdp{fsdp}_tensor{tensor}.hlo")
+        m = theirs(batch=BATCH, fsdp=fsdp, tensor=tensor, remat="full", hlo_out=path)
+        with open(path) as f:
+            mt = maxtext_time(f.read(), r)
         rows.append({
             "mesh": f"fsdp {fsdp} x tensor {tensor}", "ours_peak_gib": r.memory["peak"] / GIB,
             "ours_total_gib": r.memory["total"] / GIB, "maxtext_peak_gib": m["peak_bytes"] / GIB,
@@ -111,9 +113,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="equal,batch", help="comma-separated: equal, batch")
     p.add_argument("--max_compiles", type=int, default=8, help="per search")
+    p.add_argument("--hlo_dir", default="", help="keep MaxText's compiled HLO texts here (default: a temp dir)")
     args = p.parse_args()
     cases = set(args.cases.split(","))
-    equal = equal_cases() if "equal" in cases else []
+    with tempfile.TemporaryDirectory() as tmp:
+        equal = equal_cases(args.hlo_dir or tmp) if "equal" in cases else []
     batch = batch_cases(args.max_compiles) if "batch" in cases else []
     print(f"\nLlama-3-8B, {TOPOLOGY} (64 chips), seq {SEQ}, GiB per chip")
     print("| mesh, remat full, batch 256 | ours peak | MaxText peak | ours/MaxText | ours sum | MaxText sum |")
