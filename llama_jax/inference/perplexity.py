@@ -88,7 +88,7 @@ def combine(results: dict[str, dict[str, float]], prefix: str = "eval/") -> dict
     big set does not drown the small ones). One set: its keys unchanged."""
     if len(results) == 1:
         return dict(next(iter(results.values())))
-    out, nll, tokens, nbytes = {}, 0.0, 0.0, 0.0
+    out, nll, tokens, nbytes = {}, 0.0, 0, 0  # counts stay ints (exact, printed as counts) when each set's are
     for name, r in results.items():
         out.update({f"{prefix}{name}/{k.removeprefix(prefix)}": v for k, v in r.items()})
         nll += r[f"{prefix}loss"] * r[f"{prefix}tokens"]

@@ -188,6 +188,9 @@ def test_several_sets_keep_each_sets_numbers_with_their_total_and_mean(sharded_p
     assert got["eval/mean/bits_per_byte"] == pytest.approx(
         (short["eval/bits_per_byte"] + long["eval/bits_per_byte"]) / 2, rel=1e-12)
     assert got["eval/mean/loss"] != pytest.approx(got["eval/loss"], rel=1e-3)  # sizes differ: mean != total
+    totals = (got["eval/tokens"], got["eval/bytes"])
+    assert totals == (short["eval/tokens"] + long["eval/tokens"], short["eval/bytes"] + long["eval/bytes"])
+    assert all(isinstance(n, int) for n in totals)  # counts, exact: eval_ppl prints them as such
     assert inference.combine({"short": short}) == short  # one set: its keys, unchanged
 
 
