@@ -160,6 +160,11 @@ def _parse_instruction(line: str) -> Instruction | None:
     )
 
 
+# A computation's last line: "}", or '}, execution_thread="sparsecore"' for one offloaded to the SparseCore
+# (a kernel's multi-line config can also start a line with "}}, ...").
+_END = re.compile(r'\}(, execution_thread="\w+")?\s*$')
+
+
 def parse(hlo_text: str) -> dict[str, Computation]:
     """Computations by name; each holds its instructions by name (operands refer to these)."""
     comps: dict[str, Computation] = {}
@@ -170,7 +175,7 @@ def parse(hlo_text: str) -> dict[str, Computation]:
             if m:
                 current = comps[m.group(2)] = Computation(m.group(2), is_entry=bool(m.group(1)))
             continue
-        if line.strip() == "}":
+        if _END.match(line):
             current = None
             continue
         ins = _parse_instruction(line)

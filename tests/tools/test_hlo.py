@@ -316,3 +316,26 @@ ENTRY %main (x: bf16[64,1024]) -> bf16[64,1024] {
     cost = hlo.cost(text, _chip(slice_of=(0, 0, 1, 1)))
     assert cost.ici_s == pytest.approx(hop / V5P.ici_bytes_per_s)  # %a: 0<->1 and 2<->3, each within a slice
     assert cost.dcn_s == pytest.approx(hop / V5P.dcn_bytes_per_s)  # %b: 0<->2 and 1<->3 cross
+
+
+def test_a_computation_run_on_another_execution_thread_closes_where_it_ends():
+    """libtpu 0.0.50.1 offloads the embedding gather to the SparseCore: that computation ends with
+    '}, execution_thread="sparsecore"', and the computations after it must still be read."""
+    text = """HloModule m
+
+%called_computation (p: s32[8]) -> s32[8] {
+  ROOT %p = s32[8]{0} parameter(0)
+}, execution_thread="sparsecore"
+
+%fused_computation.1 (q: f32[8]) -> f32[8] {
+  %q = f32[8]{0} parameter(0)
+  ROOT %n = f32[8]{0} negate(%q)
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  ROOT %f = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1
+}"""
+    comps = hlo.parse(text)
+    assert set(comps) == {"called_computation", "fused_computation.1", "main"}
+    assert comps["fused_computation.1"].root.opcode == "negate" and comps["main"].is_entry
