@@ -450,15 +450,13 @@ def analyze(hlo_text: str) -> HloSummary:
             continue
         shapes = {i.name: i.shape for i in comp.instructions.values()}
         for ins in comp.instructions.values():
-            kind = _collective_of(ins, comp.name, rs_comps)
-            if ins.opcode == "send" and _megascale(ins):  # the DCN part of a collective across slices
-                kind = f"{_megascale(ins)[0]} across slices"
-                collectives.setdefault(kind, [0, 0])
-                collectives[kind][0] += n
-                collectives[kind][1] += n * shape_bytes(array_shapes_text(ins.shape)[0])
-            elif kind is not None:
-                collectives[kind][0] += n
-                collectives[kind][1] += n * shape_bytes(ins.shape)
+            kind, nbytes = _collective_of(ins, comp.name, rs_comps), shape_bytes(ins.shape)
+            if ins.opcode == "send" and (cross := _megascale(ins)):  # the DCN part of a collective across slices
+                kind, nbytes = f"{cross[0]} across slices", shape_bytes(array_shapes_text(ins.shape)[0])
+            if kind is not None:
+                counts = collectives.setdefault(kind, [0, 0])
+                counts[0] += n
+                counts[1] += n * nbytes
             elif ins.opcode == "custom-call":
                 m = re.search(r'custom_call_target="([^"]*)"', ins.raw_attrs)
                 custom_calls[m.group(1) if m else "?"] += n
@@ -677,8 +675,8 @@ def cost(hlo_text: str, chip: Chip) -> Cost:
             if kind is not None:
                 seconds, dcn = collective_seconds(kind, tiled_bytes(ins.shape), _groups_of(comps, comp, ins), chip)
                 totals["dcn" if dcn else "ici"] += n * seconds
-            elif ins.opcode == "send" and _megascale(ins):
-                kind, slices = _megascale(ins)
+            elif ins.opcode == "send" and (cross := _megascale(ins)):
+                kind, slices = cross
                 totals["dcn"] += n * _RING[kind](slices) * tiled_bytes(array_shapes_text(ins.shape)[0]) \
                     / chip.dcn_bytes_per_s
             elif ins.opcode not in _FREE and not _collective_half(ins.opcode):
