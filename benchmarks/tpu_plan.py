@@ -12,7 +12,7 @@ attention (benchmarks/maxtext_compile.py). Cases:
 - equal: global batch 256, full remat, on fsdp 16 x tensor 4 and on fsdp 64: peak HBM per chip (the
   compiler's peak, which is what it checks against HBM, and the arguments + outputs + temporaries -
   aliases sum), ours / MaxText; and the step time of both compiled programs by the same yardstick, the HLO
-  model (`llama_jax.tools.hlo.cost`: each op at max(FLOPs / peak, bytes / HBM bandwidth), each collective's
+  model (`llama_jax.tools.hlo_cost.cost`: each op at max(FLOPs / peak, bytes / HBM bandwidth), each collective's
   ring traffic over ICI, both attention kernels at the model's attention FLOPs at peak);
 - batch: the largest fitting global batch at fsdp 64 for full remat and for the policy that saves every
   projection (ours save_dots, MaxText minimal), both found by `planner.largest_fitting`;
@@ -32,7 +32,7 @@ import tempfile
 
 from benchmarks.maxtext_compile import maxtext_memory
 from llama_jax.experiment import Experiment, base_config
-from llama_jax.tools import hlo, planner
+from llama_jax.tools import hlo_cost, planner
 
 TOPOLOGY, SEQ, BATCH = "v5p-128", 8192, 256
 GIB = planner.GIB
@@ -52,13 +52,13 @@ def theirs(*, batch: int, fsdp: int, tensor: int, remat: str, hlo_out: str = "")
                           hlo_out=hlo_out, python=sys.executable)
 
 
-def maxtext_time(hlo_text: str, ours_report: planner.Report) -> hlo.Cost:
+def maxtext_time(hlo_text: str, ours_report: planner.Report) -> hlo_cost.Cost:
     """MaxText's compiled step timed by the HLO model ours is timed by (one slice: no DCN). Its flash attention
     is a Mosaic kernel whose FLOPs the HLO does not show either: both get the same model's attention FLOPs at
     peak (ours' kernel_s)."""
     t = planner.parse_slice(TOPOLOGY)
-    chip = hlo.Chip(t.peak_bf16_flops, t.hbm_bytes_per_s, t.ici_bytes_per_s, t.dcn_bytes_per_s)
-    return dataclasses.replace(hlo.cost(hlo_text, chip), kernel_s=ours_report.cost.kernel_s)
+    chip = hlo_cost.Chip(t.peak_bf16_flops, t.hbm_bytes_per_s, t.ici_bytes_per_s, t.dcn_bytes_per_s)
+    return dataclasses.replace(hlo_cost.cost(hlo_text, chip), kernel_s=ours_report.cost.kernel_s)
 
 
 def equal_cases(hlo_dir: str) -> list[dict]:
@@ -84,7 +84,7 @@ def equal_cases(hlo_dir: str) -> list[dict]:
     return rows
 
 
-def _parts(c: hlo.Cost) -> dict:
+def _parts(c: hlo_cost.Cost) -> dict:
     return {"compute_s": c.compute_s, "memory_s": c.memory_s, "kernel_s": c.kernel_s, "ici_s": c.ici_s,
             "flops": c.flops, "bytes": c.bytes}
 

@@ -14,7 +14,7 @@ it with libtpu, and reports per chip:
   also against a full fine-tune's 6N) and the time they take at the chip's peak;
 - the collectives in the compiled program (kind, count, bytes);
 - a step time, the MFU and tokens/s/chip it implies: the compiler's own estimate where it is sound (see
-  `_estimate`), otherwise the roofline model of the compiled HLO (tools/hlo.py `cost`: every op's FLOPs and
+  `_estimate`), otherwise the roofline model of the compiled HLO (tools/hlo_cost.py `cost`: every op's FLOPs and
   bytes against the chip's peak and HBM bandwidth, every collective's ring traffic over ICI or DCN), with
   its parts; both, and their ratio, where both exist. Estimates, not measurements.
 
@@ -45,7 +45,7 @@ from llama_jax.inference.load import param_shardings
 from llama_jax.inference.sampling import _jitted_generate
 from llama_jax.model import REMAT_SAVES, for_platform, param_shapes
 from llama_jax.model.attention import SPLASH_BLOCK_MULTIPLE
-from llama_jax.tools import hlo
+from llama_jax.tools import hlo, hlo_cost
 from llama_jax.tools.tpu import TpuSlice, abstract_devices, parse_slice
 from llama_jax.train import TrainProgram
 
@@ -85,7 +85,7 @@ class Report:
     estimate_note: str = ""  # which one, and why
     compiler_s: float | None = None  # the compiler's estimate (unrolled 1-/2-layer extrapolation), if sound
     compiler_note: str = ""
-    cost: hlo.Cost | None = None  # the HLO roofline model of the compiled step
+    cost: hlo_cost.Cost | None = None  # the HLO roofline model of the compiled step
     tokens: int = 0  # per step, all chips
     model_flops_with_attention: float = 0.0
     mesh_note: str = ""  # how the config's mesh was fitted to the slice (fit_mesh), if it was
@@ -233,9 +233,9 @@ def _choose_estimate(r: Report) -> tuple[float | None, str]:
     return None, "; ".join(rejected) or "nothing to estimate from"
 
 
-def _chip(tpu: TpuSlice, mesh) -> hlo.Chip:
+def _chip(tpu: TpuSlice, mesh) -> hlo_cost.Chip:
     """The chip for the HLO time model; logical device k of the program is mesh.devices.flat[k]."""
-    return hlo.Chip(tpu.peak_bf16_flops, tpu.hbm_bytes_per_s, tpu.ici_bytes_per_s, tpu.dcn_bytes_per_s,
+    return hlo_cost.Chip(tpu.peak_bf16_flops, tpu.hbm_bytes_per_s, tpu.ici_bytes_per_s, tpu.dcn_bytes_per_s,
                     tuple(getattr(d, "slice_index", 0) for d in mesh.devices.flat))
 
 
@@ -458,7 +458,7 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
                                   and exp.loop.seq_len % SPLASH_BLOCK_MULTIPLE == 0)
     report.collectives = {k: (c.count, c.bytes) for k, c in summary.collectives.items() if c.count}
     report.tokens = batch * report.seq_len
-    report.cost = hlo.cost(text, _chip(tpu, prog.mesh))
+    report.cost = hlo_cost.cost(text, _chip(tpu, prog.mesh))
     if report.attention_in_kernel:  # the splash kernel's FLOPs (the model's attention FLOPs) at peak
         kernel_flops = report.model_flops_with_attention - report.model_flops
         report.cost = dataclasses.replace(report.cost, kernel_s=kernel_flops / tpu.peak_bf16_flops)

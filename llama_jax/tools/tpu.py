@@ -35,7 +35,7 @@ class _Generation:
     # v5e 16 GiB - 258 MiB; v5p 96 GiB - 263 MiB (sold as "95 GB"); v6e 32 GiB - 772 MiB (260 MiB listed).
     hbm_mib: int
     peak_bf16_flops: float  # per chip, dense
-    # Bandwidths for the planner's time model (tools/hlo.py `cost`), bytes/s per chip, from Google's Cloud
+    # Bandwidths for the planner's time model (tools/hlo_cost.py `cost`), bytes/s per chip, from Google's Cloud
     # TPU pages (docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): HBM as listed; ICI is the pod's listed
     # all-reduce bandwidth over its chips (v4 1.1 PB/s / 4096, v5e 51.2 TB/s / 256, v6e 102.4 TB/s / 256),
     # which on the v5e and v6e pages is half the listed bidirectional ICI per chip, so v5p (which lists only

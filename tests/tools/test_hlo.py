@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.tools import hlo, tpu
+from llama_jax.tools import hlo, hlo_cost, tpu
 
 MM = 2 * 256 * 512 * 1024  # FLOPs of x[256,512] @ w[512,1024]
 BF16 = 2
@@ -222,12 +222,12 @@ V5P = tpu.parse_slice("v5p-8")
 
 
 def _chip(slice_of=(0, 0, 0, 0)):
-    return hlo.Chip(V5P.peak_bf16_flops, V5P.hbm_bytes_per_s, V5P.ici_bytes_per_s, V5P.dcn_bytes_per_s, slice_of)
+    return hlo_cost.Chip(V5P.peak_bf16_flops, V5P.hbm_bytes_per_s, V5P.ici_bytes_per_s, V5P.dcn_bytes_per_s, slice_of)
 
 
 def test_the_time_model_counts_a_matmuls_flops_at_peak(mesh):
     n = 2048  # 17 GFLOP against 24 MiB: compute-bound on any TPU
-    cost = hlo.cost(_compile(mesh, lambda x, w: x @ w, [P(), P()], P(), [(n, n), (n, n)]).as_text(), _chip())
+    cost = hlo_cost.cost(_compile(mesh, lambda x, w: x @ w, [P(), P()], P(), [(n, n), (n, n)]).as_text(), _chip())
     assert cost.flops == 2 * n**3
     assert cost.compute_s == pytest.approx(2 * n**3 / V5P.peak_bf16_flops, rel=1e-6)
     # Memory-bound ops (copies of the operands and the result to and from on-chip memory) move at most the
@@ -236,7 +236,7 @@ def test_the_time_model_counts_a_matmuls_flops_at_peak(mesh):
 
 
 def test_the_time_model_counts_an_elementwise_ops_bytes_at_hbm_bandwidth(mesh):
-    cost = hlo.cost(_compile(mesh, lambda x: x * 2 + 1, [P()], P(), [(1024, 1024)], jnp.float32).as_text(), _chip())
+    cost = hlo_cost.cost(_compile(mesh, lambda x: x * 2 + 1, [P()], P(), [(1024, 1024)], jnp.float32).as_text(), _chip())
     assert cost.flops == 0 and cost.compute_s == 0
     assert cost.bytes == 2 * 1024 * 1024 * 4  # read once, written once: one fused op
     assert cost.memory_s == pytest.approx(cost.bytes / V5P.hbm_bytes_per_s)
@@ -245,9 +245,9 @@ def test_the_time_model_counts_an_elementwise_ops_bytes_at_hbm_bandwidth(mesh):
 def test_the_time_model_times_an_all_reduce_by_its_ring_traffic_over_ici_or_dcn(mesh):
     text = _compile(mesh, lambda x, w: x @ w, [P(None, "x"), P("x", None)], P(), [(256, 512), (512, 1024)]).as_text()
     ring = 2 * 3 / 4 * 256 * 1024 * BF16  # all-reduce over 4 chips: 2 (n - 1) / n of the result per chip
-    ici = hlo.cost(text, _chip())
+    ici = hlo_cost.cost(text, _chip())
     assert ici.ici_s == pytest.approx(ring / V5P.ici_bytes_per_s) and ici.dcn_s == 0
-    dcn = hlo.cost(text, _chip(slice_of=(0, 0, 1, 1)))  # the same group, across two slices
+    dcn = hlo_cost.cost(text, _chip(slice_of=(0, 0, 1, 1)))  # the same group, across two slices
     assert dcn.dcn_s == pytest.approx(ring / V5P.dcn_bytes_per_s) and dcn.ici_s == 0
     assert ici.overlapped_s == max(ici.ops_s, ici.collectives_s) and ici.exposed_s == ici.ops_s + ici.collectives_s
 
@@ -263,7 +263,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   ROOT %d = f32[8]{0} all-reduce(%x), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
 }"""
     ins = hlo.parse(text)["main"].instructions
-    groups = {k: hlo.replica_groups(ins[k]).tolist() for k in "abcd"}
+    groups = {k: hlo_cost.replica_groups(ins[k]).tolist() for k in "abcd"}
     assert groups["a"] == [[0, 2], [1, 3]]
     assert groups["b"] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # iota 0..7 as [4,2], transposed, in rows of 4
     # Mesh position (i, j) holds device_ids [4,2]T(1,0) = [[0,2],[4,6],[1,3],[5,7]][i][j]; a group runs over
@@ -292,7 +292,7 @@ ENTRY %main (x: bf16[256,1024]) -> bf16[256,1024] {
   %send = (bf16[256,1024]{1,0:T(8,128)(2,1)}, u32[], token[]) send(%x, %after-all), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:7}",_xla_megascale_transfer_type="ALL_REDUCE"}
   ROOT %y = bf16[256,1024]{1,0:T(8,128)(2,1)} copy(%x)
 }"""
-    cost = hlo.cost(text, _chip(slice_of=(0,) * 8 + (1,) * 8))
+    cost = hlo_cost.cost(text, _chip(slice_of=(0,) * 8 + (1,) * 8))
     assert cost.dcn_s == pytest.approx(2 * 1 / 2 * 256 * 1024 * BF16 / V5P.dcn_bytes_per_s)
     assert cost.ici_s == 0 and cost.bytes == 2 * 256 * 1024 * BF16  # the copy; the send moves no HBM bytes here
     # The plan lists it among the collectives, by its DCN part.
@@ -311,9 +311,9 @@ ENTRY %main (x: bf16[64,1024]) -> bf16[64,1024] {
   %t = (bf16[64,1024]{1,0:T(8,128)(2,1)}, bf16[64,1024]{1,0:T(8,128)(2,1)}) collective-permute-start(%a), channel_id=2, source_target_pairs={{0,2},{1,3},{2,0},{3,1}}
   ROOT %b = bf16[64,1024]{1,0:T(8,128)(2,1)} collective-permute-done(%t)
 }"""
-    assert hlo.source_target_pairs(hlo.parse(text)["main"].instructions["s"]).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+    assert hlo_cost.source_target_pairs(hlo.parse(text)["main"].instructions["s"]).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
     hop = 64 * 1024 * BF16  # a permute sends its result once
-    cost = hlo.cost(text, _chip(slice_of=(0, 0, 1, 1)))
+    cost = hlo_cost.cost(text, _chip(slice_of=(0, 0, 1, 1)))
     assert cost.ici_s == pytest.approx(hop / V5P.ici_bytes_per_s)  # %a: 0<->1 and 2<->3, each within a slice
     assert cost.dcn_s == pytest.approx(hop / V5P.dcn_bytes_per_s)  # %b: 0<->2 and 1<->3 cross
 
