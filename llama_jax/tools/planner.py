@@ -412,8 +412,11 @@ def fit_mesh(mesh: sharding.MeshConfig, num_devices: int) -> tuple[sharding.Mesh
 
 
 def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step: str = "train",
-         estimate: bool = True, decode_lengths: tuple[int, int] = (1024, 1024)) -> Report:
-    """Compile `step` of `exp` for `num_slices` slices of `topology` and report (module docstring)."""
+         estimate: bool = True, decode_lengths: tuple[int, int] = (1024, 1024), explain: bool = True) -> Report:
+    """Compile `step` of `exp` for `num_slices` slices of `topology` and report (module docstring).
+
+    explain: on an out-of-memory failure, compile again to list the largest allocations (a search, which
+    needs only the verdict and the bytes, skips that second compile)."""
     if step not in STEPS:
         raise ConfigError(f"step={step!r} is not one of {STEPS}.")
     tpu = parse_slice(topology) if isinstance(topology, str) else topology
@@ -435,7 +438,8 @@ def plan(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, step
             raise
         report.compile_s = time.perf_counter() - t0
         report.oom, report.required_bytes = str(err), _oom_numbers(str(err))
-        report.largest_allocations = _largest_allocations(lowered)
+        if explain:
+            report.largest_allocations = _largest_allocations(lowered)
         return report
     report.compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
@@ -484,9 +488,11 @@ def largest_fitting(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, 
         hi = min((k for k, (ok, _) in seen.items() if not ok), default=None)
         return lo, hi
 
+    seen[1] = measure(1)
+    if not seen[1][0]:  # not even one unit fits: nothing smaller to try
+        return 0, seen, True
     order = [1, 2]  # compiles in the order made: the secant runs through the last two
-    for k in order:
-        seen[k] = measure(k)
+    seen[2] = measure(2)
     while len(seen) < max_compiles:
         lo, hi = bracket()
         if hi is not None and hi - lo <= 1:
@@ -520,7 +526,7 @@ def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, po
         def measure(k: int, policy=policy, reports=reports) -> tuple[bool, int]:
             e = dataclasses.replace(exp, model=exp.model.replace(remat_policy=policy),
                                     loop=exp.loop.replace(batch_size=k * unit))
-            reports[k] = plan(e, tpu, num_slices=num_slices, estimate=False)
+            reports[k] = plan(e, tpu, num_slices=num_slices, estimate=False, explain=False)
             return reports[k].fits, reports[k].peak_bytes
 
         k, _, exact = largest_fitting(measure, tpu.hbm_bytes, max_compiles)
