@@ -18,7 +18,8 @@ it with libtpu, and reports per chip:
   bytes against the chip's peak and HBM bandwidth, every collective's ring traffic over ICI or DCN), with
   its parts; both, and their ratio, where both exist. Estimates, not measurements.
 
-`search` finds the largest global batch that fits for each remat policy.
+`largest_fitting` finds the largest global batch that fits; tools/plan_search.py ranks (mesh, remat, batch)
+candidates with it.
 """
 
 from __future__ import annotations
@@ -505,30 +506,3 @@ def largest_fitting(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, 
         seen[guess] = measure(guess)
     lo, hi = bracket()
     return lo, seen, hi is not None and hi - lo <= 1
-
-
-def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, policies=BY_RECOMPUTE,
-           max_compiles: int = 10) -> dict[str, tuple[int, Report | None, bool]]:
-    """For each remat policy: (the largest global batch that fits, its report, whether the search closed
-    its bracket), (0, None, True) if not even one sequence per batch shard fits.
-
-    Batches are multiples of the mesh's data*fsdp (one sequence per batch shard, times grad_accum_steps);
-    see `largest_fitting` for the compiles it takes (at most `max_compiles` per policy).
-    """
-    tpu = parse_slice(topology) if isinstance(topology, str) else topology
-    devices = abstract_devices(tpu, num_slices)
-    mesh = sharding.make_mesh(fit_mesh(exp.mesh.replace(num_slices=num_slices), len(devices))[0], devices)
-    unit = sharding.batch_shards(mesh) * exp.loop.grad_accum_steps
-    out = {}
-    for policy in policies:
-        reports: dict[int, Report] = {}
-
-        def measure(k: int, policy=policy, reports=reports) -> tuple[bool, int]:
-            e = dataclasses.replace(exp, model=exp.model.replace(remat_policy=policy),
-                                    loop=exp.loop.replace(batch_size=k * unit))
-            reports[k] = plan(e, tpu, num_slices=num_slices, estimate=False, explain=False)
-            return reports[k].fits, reports[k].peak_bytes
-
-        k, _, exact = largest_fitting(measure, tpu.hbm_bytes, max_compiles)
-        out[policy] = (k * unit, reports.get(k), exact)
-    return out
