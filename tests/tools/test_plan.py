@@ -16,7 +16,7 @@ from llama_jax import sharding
 from llama_jax.errors import ShardingError
 from llama_jax.experiment import Experiment, base_config
 from llama_jax.model import param_shapes
-from llama_jax.tools import hlo, planner, tpu
+from llama_jax.tools import hlo, plan_search, planner, tpu
 from tests.helpers import REPO, load_config, run_module
 
 pytest.importorskip("libtpu", reason="needs libtpu, the TPU compiler: pip install -e '.[tpu]'")
@@ -145,9 +145,13 @@ def test_multi_slice_mesh_puts_data_across_slices():
 @pytest.mark.slow
 def test_search_finds_the_largest_fitting_batch():
     exp = _exp(batch=8, seq=512, vocab_size=32768, remat_policy="full", dtype="bfloat16")
-    found = planner.search(exp, "v5litepod-8", policies=("full",))
-    batch, report, exact = found["full"]
-    assert exact and batch > 8 and batch % 8 == 0 and report.fits and report.batch_size == batch
+    found = plan_search.search(exp, "v5litepod-8", meshes=[(8, 1)], policies=("full",))
+    batch, exact = found.largest[(8, 1), "full"]
+    assert exact and batch > 8 and batch % 8 == 0
+    # Ranked: fitting compiles only, at the config's batch and the largest, most tokens/s/chip first.
+    assert {r.batch_size for r in found.ranked} == {8, batch} and all(r.fits for r in found.ranked)
+    speeds = [r.tokens_per_s_per_chip for r in found.ranked]
+    assert speeds == sorted(speeds, reverse=True)
     bigger = dataclasses.replace(exp, loop=exp.loop.replace(batch_size=batch + 8))
     assert not planner.plan(bigger, "v5litepod-8", estimate=False).fits
 
