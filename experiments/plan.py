@@ -79,6 +79,15 @@ def _print_ranked(found: plan_search.Search) -> None:
               f"{r.estimate_note}")
 
 
+def _progress(r: planner.Report) -> None:
+    """One stderr line per compile of a search, as it is made: an 8B search runs for an hour or more."""
+    verdict = (f"fits, peak {r.peak_bytes / planner.GIB:.1f} GiB" if r.fits else
+               f"does not fit, needs {r.peak_bytes / planner.GIB:.1f} GiB")
+    speed = f", estimated {r.tokens_per_s_per_chip:,.0f} tokens/s/chip" if r.fits and r.estimate_s else ""
+    print(f"compiled {_mesh_name(r.mesh)} {r.remat_policy} batch {r.batch_size}: {verdict}{speed} "
+          f"({r.compile_s:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _command(best: planner.Report) -> str:
     """experiments.train with this run's config file and overrides, and the best candidate's."""
     applied = plan_search.train_flags(best)
@@ -92,7 +101,8 @@ def _search(exp: Experiment) -> int:
     chips = tpu.parse_slice(_TOPOLOGY.value).chips
     meshes = plan_search.parse_meshes(_MESHES.value, chips) if _MESHES.value else None
     found = plan_search.search(exp, _TOPOLOGY.value, num_slices=_NUM_SLICES.value, meshes=meshes,
-                               policies=plan_search.parse_policies(_POLICIES.value), max_compiles=_MAX_COMPILES.value)
+                               policies=plan_search.parse_policies(_POLICIES.value), max_compiles=_MAX_COMPILES.value,
+                               progress=_progress)
     print(f"search: {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), seq {exp.loop.seq_len}, "
           f"the config's batch {exp.loop.batch_size}")
     _print_largest(found, _NUM_SLICES.value)

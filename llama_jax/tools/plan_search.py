@@ -15,6 +15,7 @@ the compiled program, not measurements.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from llama_jax.errors import ConfigError, ShardingError
 from llama_jax.experiment import Experiment
@@ -93,7 +94,8 @@ def _with(exp: Experiment, mesh: Mesh, num_slices: int, policy: str, batch: int)
         model=exp.model.replace(remat_policy=policy), loop=exp.loop.replace(batch_size=batch))
 
 
-def _one(exp: Experiment, tpu: TpuSlice, num_slices: int, mesh: Mesh, policy: str, max_compiles: int):
+def _one(exp: Experiment, tpu: TpuSlice, num_slices: int, mesh: Mesh, policy: str, max_compiles: int,
+         progress: Callable[[Report], None]):
     """(largest fitting batch, exact, {batch: Report} of every compile) for one mesh and policy."""
     unit = num_slices * mesh[0] * exp.loop.grad_accum_steps  # one sequence per batch shard and micro-batch
     reports: dict[int, Report] = {}
@@ -101,6 +103,7 @@ def _one(exp: Experiment, tpu: TpuSlice, num_slices: int, mesh: Mesh, policy: st
     def compile_at(batch: int) -> Report:
         reports[batch] = plan(_with(exp, mesh, num_slices, policy, batch), tpu, num_slices=num_slices,
                               estimate=False, explain=False)
+        progress(reports[batch])
         return reports[batch]
 
     def measure(k: int) -> tuple[bool, int]:
@@ -115,11 +118,13 @@ def _one(exp: Experiment, tpu: TpuSlice, num_slices: int, mesh: Mesh, policy: st
 
 
 def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, meshes: list[Mesh] | None = None,
-           policies: tuple[str, ...] = BY_RECOMPUTE, max_compiles: int = 10) -> Search:
+           policies: tuple[str, ...] = BY_RECOMPUTE, max_compiles: int = 10,
+           progress: Callable[[Report], None] = lambda report: None) -> Search:
     """Rank the (mesh, remat policy, batch) candidates that fit `topology` by estimated tokens/s/chip.
 
     meshes: (fsdp, tensor) within a slice, default `default_meshes`; policies in BY_RECOMPUTE order. At most
-    `max_compiles` per (mesh, policy), plus one at the config's batch.
+    `max_compiles` per (mesh, policy), plus one at the config's batch. progress: called with each compile's
+    Report as it is made (an 8B search takes an hour or more on a CPU).
     """
     tpu = parse_slice(topology) if isinstance(topology, str) else topology
     found = Search(exp.loop.batch_size, tuple(policies), {}, [], [], {})
@@ -127,7 +132,7 @@ def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, me
     for mesh in meshes or default_meshes(tpu.chips):
         for policy in policies:
             try:
-                batch, exact, reports = _one(exp, tpu, num_slices, mesh, policy, max_compiles)
+                batch, exact, reports = _one(exp, tpu, num_slices, mesh, policy, max_compiles, progress)
             except ShardingError as err:  # raised before any compile: the model does not split this way
                 found.skipped[mesh] = str(err).splitlines()[0]
                 break
