@@ -5,10 +5,12 @@
     train_flags(found.ranked[0])         # the --config.* flags that apply it
 
 For every (mesh, remat policy) it finds the largest global batch that fits (planner.largest_fitting: a
-handful of compiles), and keeps as candidates the compiles at that batch and at the config's own batch.
+handful of compiles), compiles the config's own batch unless a smaller one already failed (the cheapest
+policy per mesh is the least-recompute one whose compile at that batch fits), and keeps as candidates the
+compiles at the largest batch and at the config's.
 Each compile gives both the fit and the HLO model's step time (planner.plan with estimate=False: no extra
 1-/2-layer compiles), so the fitting candidates are ranked by estimated tokens/s/chip with no compile
-beyond the search's (at most one more, the config's batch where the search passed it by). Estimates from
+beyond the search's (at most one more, the config's batch). Estimates from
 the compiled program, not measurements.
 """
 
@@ -35,13 +37,14 @@ class Search:
     batch_size: int  # the config's
     policies: tuple[str, ...]  # searched, least recompute first
     largest: dict[tuple[Mesh, str], tuple[int, bool]]  # (mesh, policy) -> (largest fitting batch, exact)
+    fits_batch: dict[tuple[Mesh, str], bool]  # (mesh, policy) -> whether the config's batch fits (compiled)
     ranked: list[Report]  # fitting candidates with a time estimate, most tokens/s/chip first
     untimed: list[Report]  # fitting candidates the HLO model gave no time
     skipped: dict[Mesh, str]  # meshes the model does not admit, and why
 
     def cheapest(self, mesh: Mesh) -> str | None:
         """The policy with the least recompute that fits the config's batch on `mesh`, if any."""
-        return next((p for p in self.policies if self.largest[mesh, p][0] >= self.batch_size), None)
+        return next((p for p in self.policies if self.fits_batch[mesh, p]), None)
 
     @property
     def meshes(self) -> list[Mesh]:
@@ -110,11 +113,14 @@ def _one(exp: Experiment, tpu: TpuSlice, num_slices: int, mesh: Mesh, policy: st
         r = compile_at(k * unit)
         return r.fits, r.peak_bytes
 
-    k, _, exact = largest_fitting(measure, tpu.hbm_bytes, max_compiles)
+    largest_fitting(measure, tpu.hbm_bytes, max_compiles)
     want = exp.loop.batch_size
-    if want % unit == 0 and want <= k * unit and want not in reports:
-        compile_at(want)  # the config's batch fits (it is below one that does): its time is a candidate
-    return k * unit, exact, reports
+    failing = min((b for b, r in reports.items() if not r.fits), default=None)
+    if want % unit == 0 and want not in reports and (failing is None or want < failing):
+        compile_at(want)  # the config's batch: whether it fits (the cheapest policy) and, if it does, its time
+    largest = max((b for b, r in reports.items() if r.fits), default=0)
+    failing = min((b for b, r in reports.items() if not r.fits), default=None)
+    return largest, failing is not None and failing - largest <= unit, reports
 
 
 def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, meshes: list[Mesh] | None = None,
@@ -127,7 +133,7 @@ def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, me
     Report as it is made (an 8B search takes an hour or more on a CPU).
     """
     tpu = parse_slice(topology) if isinstance(topology, str) else topology
-    found = Search(exp.loop.batch_size, tuple(policies), {}, [], [], {})
+    found = Search(exp.loop.batch_size, tuple(policies), {}, {}, [], [], {})
     fitting: list[Report] = []
     for mesh in meshes or default_meshes(tpu.chips):
         for policy in policies:
@@ -137,6 +143,7 @@ def search(exp: Experiment, topology: str | TpuSlice, *, num_slices: int = 1, me
                 found.skipped[mesh] = str(err).splitlines()[0]
                 break
             found.largest[mesh, policy] = (batch, exact)
+            found.fits_batch[mesh, policy] = exp.loop.batch_size in reports and reports[exp.loop.batch_size].fits
             fitting += [r for b, r in reports.items() if r.fits and b in (batch, exp.loop.batch_size)]
     found.ranked = sorted((r for r in fitting if r.estimate_s), key=lambda r: -r.tokens_per_s_per_chip)
     found.untimed = [r for r in fitting if not r.estimate_s]

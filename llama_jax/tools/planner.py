@@ -500,6 +500,10 @@ def largest_fitting(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, 
             break
         (ka, pa), (kb, pb) = ((k, seen[k][1]) for k in order[-2:])
         guess = kb + int((hbm_bytes - pb) * (kb - ka) / (pb - pa)) if pa and pb and pb != pa else 0
+        if hi is None:
+            # Two nearly equal peaks aim the secant at absurd batches, whose compile can exhaust the host's
+            # memory (libtpu aborted the 8B search at fsdp 16 x tensor 4, save_qkv_proj): grow at most 64x.
+            guess = min(guess, 64 * lo)
         if guess in seen or guess <= lo or (hi is not None and guess >= hi):
             guess = 2 * lo if hi is None else (lo + hi) // 2
         order.append(guess)
