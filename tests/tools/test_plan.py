@@ -144,7 +144,8 @@ def test_multi_slice_mesh_puts_data_across_slices():
 
 @pytest.mark.slow
 def test_search_finds_the_largest_fitting_batch():
-    exp = _exp(batch=8, seq=512, vocab_size=32768, remat_policy="full", dtype="bfloat16")
+    # The mesh the search compiles (fsdp 8), so that the check of batch + 8 below compiles the same program.
+    exp = _exp(batch=8, seq=512, vocab_size=32768, remat_policy="full", dtype="bfloat16", mesh=(1, 8, 1))
     found = plan_search.search(exp, "v5litepod-8", meshes=[(8, 1)], policies=("full",))
     batch, exact = found.largest[(8, 1), "full"]
     assert exact and batch > 8 and batch % 8 == 0
