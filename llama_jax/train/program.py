@@ -91,6 +91,7 @@ class TrainProgram:
         if lora is not None:  # bad targets are a config error, raised before anything is traced
             shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
             lora_lib.target_paths(lora, shapes)
+            lora_lib.train_also_paths(lora, shapes)
 
         def init_fn(key):
             # Params come from the first half of a split, as they always have: a seed keeps its init.
@@ -131,8 +132,8 @@ class TrainProgram:
         eval_fn, eval_shardings = make_eval_step(model_config, mesh, rules), state_shardings.params
         merge = adapt = None
         if lora is not None:
-            def adapt(adapters):
-                return lora_lib.lowrank(adapters, lora.scale)
+            def adapt(adapters, base):
+                return lora_lib.overlay(base, adapters), lora_lib.lowrank(adapters, lora.scale)
 
             def merge(base, adapters):
                 merged = lora_lib.merge(base, adapters, lora.scale)  # [*lead, *in, *out] per adapted kernel
