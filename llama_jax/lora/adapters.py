@@ -195,13 +195,14 @@ def overlay(params, adapters):
 
 
 def copy_trained(adapters, params):
-    """`adapters` with each train_also param set to `params`' value at its path, in the adapter's dtype: a
-    fresh run's start, once the real base is restored."""
+    """`adapters` with each train_also param set to a copy of `params`' value at its path, in the adapter's
+    dtype: a fresh run's start, once the real base is restored. A copy, never the base's own buffer, which
+    the train step would then be handed (and donate) twice."""
     leaves = _leaves(params)
 
     def leaf(path, x):
         p = path_str(path)
-        return x if _is_pair(p) else leaves[p].astype(x.dtype)
+        return x if _is_pair(p) else jnp.array(leaves[p], dtype=x.dtype, copy=True)
 
     return jax.tree_util.tree_map_with_path(leaf, adapters)
 
