@@ -7,10 +7,11 @@
         state, metrics = program.train_step(state, program.shard_batch(local_batch))
     sums = program.eval_step(program.eval_params(state), program.shard_batch(eval_batch))
 
-With `config.lora` on, the state's params are the adapters and its `base` the frozen base params. The train
-step applies the adapters low-rank (x @ W + alpha / r * (x @ A) @ B, model/linear.py) and differentiates
-them alone; the eval step and `model_params` merge them (W + alpha / r * A @ B, llama_jax.lora), placed
-like the base params.
+With `config.lora` on, the state's params are the adapters (and the lora.train_also params, trained fully)
+and its `base` the frozen base params. The train step applies the adapters low-rank (x @ W + alpha / r *
+(x @ A) @ B, model/linear.py) on the base with the train_also params in place, and differentiates the
+adapters' tree alone; the eval step and `model_params` merge them (W + alpha / r * A @ B, llama_jax.lora),
+placed like the base params.
 """
 
 from __future__ import annotations
