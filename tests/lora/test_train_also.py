@@ -13,6 +13,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.experiment import Experiment, base_config
 from llama_jax.model import Llama, ModelConfig, batch_loss_sums, init_params, path_str, preset
 from llama_jax.train import OptimizerConfig, TrainProgram, make_optimizer
+from tests.test_experiment import CONFIGS, _load
 
 ALL = (r"attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$")
 HEADS = (r"^embed/embedding$", r"^lm_head/kernel$")
@@ -46,6 +47,18 @@ def test_selection_and_its_errors():
     with pytest.raises(ConfigError, match=r"selects \['layers_0/attn/q_proj/kernel', 'layers_1/attn/q_proj/kernel'\], "
                                           r"which lora.targets also adapts"):
         lora.train_also_paths(lora.LoraConfig(rank=4, train_also=("q_proj",)), shapes)
+
+
+def test_the_sft_task_config_trains_the_embedding_and_head_with_its_adapters():
+    """configs/sft_task.py ships the README sweep's best LoRA settings; with rank 0 (its full fine-tune) they
+    are not read."""
+    sft = next(p for p in CONFIGS if p.stem == "sft_task")
+    exp = Experiment.from_config(_load(sft, "--config.lora.rank=8", "--config.init_from=/base"))
+    shapes = jax.eval_shape(lambda: init_params(preset("shakespeare"), jax.random.key(0)))
+    assert lora.train_also_paths(exp.lora, shapes) == ["embed/embedding", "lm_head/kernel"]
+    assert lora.target_paths(exp.lora, shapes) == [
+        f"layers_{i}/attn/{m}_proj/kernel" for i in range(4) for m in ("k", "o", "q", "v")]
+    assert not Experiment.from_config(_load(sft)).lora.enabled
 
 
 def test_the_flops_count_the_weight_gradients_of_the_fully_trained_head():
