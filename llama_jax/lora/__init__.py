@@ -19,6 +19,7 @@ from llama_jax.lora.adapters import (
     merge,
     overlay,
     target_paths,
+    train_also_mask,
     train_also_matmul_param_count,
     train_also_paths,
 )
@@ -26,5 +27,5 @@ from llama_jax.lora.config import LoraConfig
 
 __all__ = [
     "LoraConfig", "adapter_param_count", "adapter_specs", "copy_trained", "delta", "init_adapters", "lowrank", "merge",
-    "overlay", "target_paths", "train_also_matmul_param_count", "train_also_paths",
+    "overlay", "target_paths", "train_also_mask", "train_also_matmul_param_count", "train_also_paths",
 ]

@@ -160,6 +160,11 @@ def _pairs(adapters) -> dict[str, dict[str, jax.Array]]:
     return pairs
 
 
+def train_also_mask(adapters):
+    """The adapter tree with True at each train_also param, False at each A and B (optax.masked's mask)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: not _is_pair(path_str(p)), adapters)
+
+
 def _trained(adapters) -> dict[str, jax.Array]:
     """{param path: value} of an adapter tree's train_also params."""
     return {path: x for path, x in _leaves(adapters).items() if not _is_pair(path)}

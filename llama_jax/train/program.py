@@ -67,10 +67,14 @@ class TrainProgram:
         mesh = mesh if mesh is not None else sharding.make_mesh(exp.mesh)
         loop = exp.loop
         sharding.check_batch_fits_mesh(loop.batch_size, loop.grad_accum_steps, mesh)
-        tx = optim.make_optimizer(exp.optimizer, total_steps=loop.num_steps)
+        lora = exp.lora
+        # The train_also params' updates are scaled; at 1x the chain (and its checkpointed state) is the usual one.
+        lr_scale = ((lora_lib.train_also_mask, lora.train_also_lr_scale)
+                    if lora.enabled and lora.train_also and lora.train_also_lr_scale != 1 else None)
+        tx = optim.make_optimizer(exp.optimizer, total_steps=loop.num_steps, lr_scale=lr_scale)
         return cls.build(
             exp.model, mesh, sharding.resolve_rules(exp.sharding), tx,
-            grad_accum_steps=loop.grad_accum_steps, z_loss=loop.z_loss, lora=exp.lora,
+            grad_accum_steps=loop.grad_accum_steps, z_loss=loop.z_loss, lora=lora,
         )
 
     @classmethod

@@ -13,6 +13,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.experiment import Experiment, base_config
 from llama_jax.model import Llama, ModelConfig, batch_loss_sums, init_params, path_str, preset
 from llama_jax.train import OptimizerConfig, TrainProgram, make_optimizer
+from tests.helpers import program_of
 from tests.test_experiment import CONFIGS, _load
 
 ALL = (r"attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$")
@@ -34,6 +35,8 @@ def test_config_field_round_trips_and_bad_regexes_are_errors():
     assert Experiment.from_config(exp.to_dict()).lora == exp.lora  # config.json round trip
     with pytest.raises(ConfigError, match=r"lora.targets / lora.train_also: 'embed/\(' is not a valid regex"):
         lora.LoraConfig(rank=4, train_also=("embed/(",))
+    with pytest.raises(ConfigError, match=r"lora.train_also_lr_scale=0 must be > 0 \(to freeze those params, drop"):
+        lora.LoraConfig(rank=4, train_also=HEADS, train_also_lr_scale=0)
 
 
 def test_selection_and_its_errors():
@@ -107,6 +110,39 @@ def test_gradients_equal_a_full_fine_tunes_and_merge_puts_the_trained_values_in_
     for k in full:
         assert float(jnp.abs(w[k]).max()) > 0
         np.testing.assert_allclose(g[k], w[k], rtol=2e-4, atol=1e-6 * float(jnp.abs(w[k]).max()), err_msg=k)
+
+
+def test_train_also_lr_scale_scales_the_updates_of_the_trained_params_alone():
+    """The optimizer the train program builds multiplies the train_also params' AdamW updates (weight decay
+    included: the head decays) by lora.train_also_lr_scale and leaves the adapters' as they are."""
+    c = base_config("tiny")
+    c.lora.rank, c.lora.train_also, c.init_from, c.optimizer.weight_decay = 4, HEADS, "/base", 0.5
+    c.model.num_layers = 1  # fewer leaves: a faster compile
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+
+    def updates(scale: float) -> dict:
+        c.lora.train_also_lr_scale = scale
+        prog = program_of(c, mesh)
+        tx = prog.tx
+        params, grads = (jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32),
+                                      prog.abstract_state.params) for _ in range(2))
+
+        def two_updates(params, grads):  # the second has Adam moments and a warmed-up lr
+            u, state = tx.update(grads, tx.init(params), params)
+            return tx.update(grads, state, params)[0]
+
+        return leaves(jax.jit(two_updates)(params, grads))
+
+    rng_state = rng.bit_generator.state
+    one = updates(1.0)
+    rng.bit_generator.state = rng_state  # the same params and gradients
+    quarter = updates(0.25)
+    assert set(one) == set(quarter) and {"embed/embedding", "lm_head/kernel"} <= set(one)
+    for k in one:
+        assert float(jnp.abs(one[k]).max()) > 0, k
+        want = one[k] if k.endswith(("/lora_a", "/lora_b")) else 0.25 * one[k]
+        np.testing.assert_array_equal(quarter[k], want, err_msg=k)
 
 
 def lora_program(cfg: lora.LoraConfig) -> TrainProgram:
