@@ -59,8 +59,10 @@ def test_the_sft_task_config_trains_the_embedding_and_head_with_its_adapters():
     exp = Experiment.from_config(_load(sft, "--config.lora.rank=8", "--config.init_from=/base"))
     shapes = jax.eval_shape(lambda: init_params(preset("shakespeare"), jax.random.key(0)))
     assert lora.train_also_paths(exp.lora, shapes) == ["embed/embedding", "lm_head/kernel"]
-    assert lora.target_paths(exp.lora, shapes) == [
-        f"layers_{i}/attn/{m}_proj/kernel" for i in range(4) for m in ("k", "o", "q", "v")]
+    assert lora.target_paths(exp.lora, shapes) == sorted(
+        f"layers_{i}/{m}_proj/kernel" for i in range(4)
+        for m in ("attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/gate", "mlp/up"))
+    assert exp.lora.train_also_lr_scale == 2.5
     assert not Experiment.from_config(_load(sft)).lora.enabled
 
 
