@@ -62,7 +62,7 @@ def test_the_sft_task_config_trains_the_embedding_and_head_with_its_adapters():
     assert lora.target_paths(exp.lora, shapes) == sorted(
         f"layers_{i}/{m}_proj/kernel" for i in range(4)
         for m in ("attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/gate", "mlp/up"))
-    assert exp.lora.train_also_lr_scale == 5.0
+    assert exp.lora.train_also_lr_scale == 10.0
     assert not Experiment.from_config(_load(sft)).lora.enabled
 
 
