@@ -31,7 +31,7 @@ import ml_collections
 
 from llama_jax.data import DataConfig
 from llama_jax.errors import ConfigError
-from llama_jax.lora import LoraConfig, adapter_param_count
+from llama_jax.lora import LoraConfig, adapter_param_count, train_also_matmul_param_count
 from llama_jax.model import ModelConfig, preset
 from llama_jax.sharding import MeshConfig, ShardingConfig
 from llama_jax.train.config import EvalTasksConfig, LoopConfig
@@ -97,11 +97,14 @@ class Experiment:
 
     def train_flops_per_token(self, seq_len: int | None = None) -> float:
         """The model FLOPs per token of the train step (MFU counts these): 6N + attention, or with LoRA
-        4N + 6 * adapter params + attention (ModelConfig.flops_per_token). `seq_len` defaults to the
-        loop's; 0 gives the matmul FLOPs alone."""
+        4N + 6 * adapter params + 2 * lora.train_also's matmul params + attention
+        (ModelConfig.flops_per_token). `seq_len` defaults to the loop's; 0 gives the matmul FLOPs alone."""
         seq_len = self.loop.seq_len if seq_len is None else seq_len
-        adapters = adapter_param_count(self.lora, self.model) if self.lora.enabled else None
-        return self.model.flops_per_token(seq_len, adapter_params=adapters)
+        if not self.lora.enabled:
+            return self.model.flops_per_token(seq_len)
+        return self.model.flops_per_token(
+            seq_len, adapter_params=adapter_param_count(self.lora, self.model),
+            weight_grad_params=train_also_matmul_param_count(self.lora, self.model))
 
     @property
     def eval_batch_size(self) -> int:

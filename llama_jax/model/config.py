@@ -186,13 +186,15 @@ class ModelConfig(Section):
         return self.num_layers * per_layer + self.dim * self.vocab_size
 
     def flops_per_token(self, seq_len: int, *, training: bool = True, causal_halving: bool = True,
-                        adapter_params: int | None = None) -> float:
+                        adapter_params: int | None = None, weight_grad_params: int = 0) -> float:
         """Model FLOPs per token: 2N forward (6N with backward) plus attention scores and values.
 
         `adapter_params` (LoRA training, the sum of r * (in + out) over adapted kernels): the frozen base
         computes activation gradients but no weight gradients, so 4N, and each adapter pair A, B costs
         2 * r * (in + out) forward and twice that backward: 4N + 6 * adapter_params (+ attention). (The
         first layer's input gradient, which nothing needs, is counted: 1/num_layers of the 2N backward.)
+        `weight_grad_params`: those of the N that train fully next to the adapters (lora.train_also's LM
+        head) and so do get weight gradients, 2 each.
         With `seq_len` 0, the matmul FLOPs alone.
 
         Attention adds 4 * L * heads * head_dim * seq_len FLOPs forward per token (QK^T and AV). With
@@ -206,7 +208,7 @@ class ModelConfig(Section):
         fwd = 2 * self.matmul_param_count() + attn
         if adapter_params is None:
             return float(3 * fwd if training else fwd)
-        frozen_weight_grads = 2 * self.matmul_param_count() if training else 0
+        frozen_weight_grads = 2 * (self.matmul_param_count() - weight_grad_params) if training else 0
         return float((3 if training else 1) * (fwd + 2 * adapter_params) - frozen_weight_grads)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax import checkpoint, distributed
+from llama_jax import lora as lora_lib
 from llama_jax.data import TrainData, chat, check_vocab, eval_sets
 from llama_jax.data.tokenizer import training_tokenizer
 from llama_jax.errors import CheckpointError, DataError
@@ -88,6 +89,9 @@ def _train(exp: Experiment, workdir: str, program: TrainProgram, lock, extra_hoo
         recorded = read_base_ref(workdir) if resume_step is not None else None
         base, base_ref = restore_base(loop.init_from, program.abstract_state.base, recorded=recorded, where=workdir)
         state = state.replace(base=base)
+        if resume_step is None:  # lora.train_also params start from the base's values (as lora.base_dtype holds them)
+            copy = jax.jit(lora_lib.copy_trained, out_shardings=program.state_shardings.params)
+            state = state.replace(params=copy(state.params, base))
     # Only now, with the checkpoint restored (or a fresh state built), does the workdir change: a failed
     # resume leaves the checkpoints, config.json, the tokenizer and metrics.jsonl as they were.
     if resume_step is not None:

@@ -171,11 +171,16 @@ def _base_optimizer(opt_cfg: OptimizerConfig, learning_rate, mask) -> optax.Grad
     raise AssertionError(name)  # OptimizerConfig validated the name
 
 
-def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    opt_cfg: OptimizerConfig, total_steps: int, *, lr_scale: tuple[Callable, float] | None = None
+) -> optax.GradientTransformation:
     """The transformation `config.optimizer` describes; `total_steps` is `config.num_steps`.
 
     The chain is: clip_by_global_norm(clip_norm) (skipped when clip_norm <= 0), then the optimizer with
     the schedule as its learning rate, all inside `optax.inject_hyperparams` (see module docstring).
+    `lr_scale` = (mask_fn, s) (lora.train_also_lr_scale): the updates of the params mask_fn(params) marks
+    are multiplied by s last, so their learning rate, and the decoupled weight decay it multiplies, is s x
+    the schedule's.
     """
     schedule = make_schedule(opt_cfg, total_steps)
     mask = decay_mask_fn(opt_cfg.no_decay)
@@ -184,6 +189,9 @@ def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int) -> optax.Gradient
     def build(learning_rate):
         parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
         parts.append(_base_optimizer(opt_cfg, learning_rate, mask))
+        if lr_scale is not None:
+            scaled, s = lr_scale
+            parts.append(optax.masked(optax.scale(s), scaled))
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(build)(learning_rate=schedule)

@@ -7,10 +7,11 @@
         state, metrics = program.train_step(state, program.shard_batch(local_batch))
     sums = program.eval_step(program.eval_params(state), program.shard_batch(eval_batch))
 
-With `config.lora` on, the state's params are the adapters and its `base` the frozen base params. The train
-step applies the adapters low-rank (x @ W + alpha / r * (x @ A) @ B, model/linear.py) and differentiates
-them alone; the eval step and `model_params` merge them (W + alpha / r * A @ B, llama_jax.lora), placed
-like the base params.
+With `config.lora` on, the state's params are the adapters (and the lora.train_also params, trained fully)
+and its `base` the frozen base params. The train step applies the adapters low-rank (x @ W + alpha / r *
+(x @ A) @ B, model/linear.py) on the base with the train_also params in place, and differentiates the
+adapters' tree alone; the eval step and `model_params` merge them (W + alpha / r * A @ B, llama_jax.lora),
+placed like the base params.
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ class TrainProgram:
         mesh = mesh if mesh is not None else sharding.make_mesh(exp.mesh)
         loop = exp.loop
         sharding.check_batch_fits_mesh(loop.batch_size, loop.grad_accum_steps, mesh)
-        tx = optim.make_optimizer(exp.optimizer, total_steps=loop.num_steps)
+        lora = exp.lora
+        # The train_also params' updates are scaled; at 1x the chain (and its checkpointed state) is the usual one.
+        lr_scale = ((lora_lib.train_also_mask, lora.train_also_lr_scale)
+                    if lora.enabled and lora.train_also and lora.train_also_lr_scale != 1 else None)
+        tx = optim.make_optimizer(exp.optimizer, total_steps=loop.num_steps, lr_scale=lr_scale)
         return cls.build(
             exp.model, mesh, sharding.resolve_rules(exp.sharding), tx,
-            grad_accum_steps=loop.grad_accum_steps, z_loss=loop.z_loss, lora=exp.lora,
+            grad_accum_steps=loop.grad_accum_steps, z_loss=loop.z_loss, lora=lora,
         )
 
     @classmethod
@@ -91,6 +96,7 @@ class TrainProgram:
         if lora is not None:  # bad targets are a config error, raised before anything is traced
             shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
             lora_lib.target_paths(lora, shapes)
+            lora_lib.train_also_paths(lora, shapes)
 
         def init_fn(key):
             # Params come from the first half of a split, as they always have: a seed keeps its init.
@@ -131,8 +137,8 @@ class TrainProgram:
         eval_fn, eval_shardings = make_eval_step(model_config, mesh, rules), state_shardings.params
         merge = adapt = None
         if lora is not None:
-            def adapt(adapters):
-                return lora_lib.lowrank(adapters, lora.scale)
+            def adapt(adapters, base):
+                return lora_lib.overlay(base, adapters), lora_lib.lowrank(adapters, lora.scale)
 
             def merge(base, adapters):
                 merged = lora_lib.merge(base, adapters, lora.scale)  # [*lead, *in, *out] per adapted kernel

@@ -82,8 +82,9 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure (unjitted) train step: (state, batch) -> (state, metrics).
 
-    adapt (LoRA): state.params (the adapters) -> the model's "lora" collection, which its projections
-    apply low-rank on top of state.base (x @ W + (x @ A) @ B, model/linear.py). Only the adapters are
+    adapt (LoRA): (state.params (the adapters), state.base) -> (the params the model computes with: the
+    base with the adapters' lora.train_also params in place, the model's "lora" collection, which its
+    projections apply low-rank on top: x @ W + (x @ A) @ B, model/linear.py). Only the adapters are
     differentiated: the base gets no gradient, and the optimizer and the norms below cover the adapters.
 
     Metrics (replicated scalars): loss (cross-entropy per target token), z_loss (its coefficient
@@ -99,7 +100,8 @@ def make_train_step(
             if adapt is None:
                 sums = batch_loss_sums(model, p, batch)
             else:  # the base is closed over, not an argument of the differentiated function
-                sums = batch_loss_sums(model, base, batch, lora=adapt(p))
+                params, lowrank = adapt(p, base)
+                sums = batch_loss_sums(model, params, batch, lora=lowrank)
             return sums["nll_sum"] + z_loss * sums["z_sum"], sums
 
         grads, sums = jax.grad(objective, has_aux=True)(params)

@@ -201,3 +201,29 @@ def test_a_bf16_base_from_an_f32_workdir(trained_tiny_workdir, tmp_path):
     _, params, _, _ = load_workdir(tmp_path)  # merged in f32 (model.param_dtype) onto the bf16 base
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     np.testing.assert_array_equal(params["lm_head"]["kernel"], bf16["lm_head"]["kernel"].astype(np.float32))
+
+
+@pytest.mark.slow
+def test_train_also_params_are_checkpointed_resumed_and_merged_into_the_export(trained_tiny_workdir, tmp_path):
+    """lora.train_also: the embedding and head train from the base's values, live in the adapter checkpoints,
+    resume bit-exactly, and are what load_workdir and the HF export hold (the base workdir unchanged)."""
+    config = lora_config(trained_tiny_workdir)
+    config.lora.train_also = ("^embed/embedding$", "^lm_head/kernel$")
+    train(Experiment.from_config(config), tmp_path / "straight")
+    train(Experiment.from_config(config), tmp_path / "resumed", extra_hooks=[StopAt(4)])
+    assert train(Experiment.from_config(config), tmp_path / "resumed")["step"] == STEPS
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    adapters = leaves(adapters_at(tmp_path / "straight", STEPS))
+    for k, v in leaves(adapters_at(tmp_path / "resumed", STEPS)).items():
+        np.testing.assert_array_equal(v, adapters[k], err_msg=k)
+    base = leaves(checkpoint.restore_params(trained_tiny_workdir, param_shapes(program_of(config).model_config)))
+    _, params, _, _ = load_workdir(tmp_path / "straight")
+    merged = leaves(params)
+    for k in ("embed/embedding", "lm_head/kernel"):
+        assert np.abs(adapters[k] - base[k]).max() > 1e-4  # trained away from the base's values
+        np.testing.assert_array_equal(merged[k], adapters[k])
+    hf.export_from_workdir(tmp_path / "straight", tmp_path / "hf")
+    _, hf_params = hf.load_hf_llama(tmp_path / "hf")
+    for k, v in leaves(hf_params).items():
+        np.testing.assert_array_equal(v, merged[k], err_msg=k)
+    assert checkpoint.all_steps(trained_tiny_workdir) == [20]
